@@ -1,0 +1,320 @@
+"""edgepack's command line: export | validate | bench | run | report | serve | bundle | doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edgepack.errors import EdgepackError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEFAULT_DIST = Path("dist")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, log_path=False, highlight=False)
+
+
+def _source(args):
+    from edgepack.source import resolve
+
+    return resolve(args.model)
+
+
+def _targets(args):
+    from edgepack.targets import load_targets
+
+    return load_targets(args.targets)
+
+
+def _artifacts(args, source, targets) -> list:
+    """Exported artifacts of the source under --out, filtered by --target/--variant; source must match."""
+    from edgepack.artifacts import artifacts_in, model_dir, read_manifest
+
+    folder = model_dir(args.out, source.slug)
+    if not folder.is_dir():
+        return []
+    chosen = set(targets.select(args.target)) if args.target else None
+    found = []
+    for artifact in artifacts_in(folder):
+        if chosen is not None and artifact.target not in {t.name for t in chosen}:
+            continue
+        if args.variant and artifact.variant not in args.variant:
+            continue
+        manifest = read_manifest(artifact.dir)
+        if manifest["source"]["sha256"] != source.sha256:
+            raise EdgepackError(
+                f"{artifact.dir}: exported from different weights than --model {source.origin}; "
+                f"re-export with edgepack export --target {artifact.target} --force"
+            )
+        found.append(artifact)
+    return found
+
+
+def cmd_export(args) -> int:
+    from edgepack.artifacts import model_dir
+    from edgepack.exporters import EXPORTERS, export_target
+    from edgepack.targets import FORMATS
+
+    console = _console()
+    targets = _targets(args)
+    selected = targets.select(args.target)
+    explicit = bool(args.target) and "all" not in args.target
+    if args.variant:
+        valid = {v for t in selected for f in t.formats for v in FORMATS[f]["variants"]}
+        unknown = [v for v in args.variant if v not in valid]
+        if unknown:
+            raise EdgepackError(f"--variant {unknown[0]}: not a variant of {', '.join(t.name for t in selected)}; "
+                                f"valid: {', '.join(sorted(valid))}")
+    source = _source(args)
+    folder = model_dir(args.out, source.slug)
+    built, skipped = [], []
+    for target in selected:
+        plan = {}
+        for fmt, spec in target.formats.items():
+            names = list(spec.variants) if args.variant is None else [
+                v for v in args.variant if v in FORMATS[fmt]["variants"]]
+            if not names:
+                continue
+            if fmt not in EXPORTERS:
+                message = f"{target.name}: {fmt} exporter not available yet (skipped)"
+                if explicit:
+                    raise EdgepackError(f"{target.name}: the {fmt} exporter is not available yet; see edgepack doctor")
+                console.print(f"[yellow]{message}[/yellow]")
+                skipped.append(f"{target.name}/{fmt}")
+                continue
+            why = EXPORTERS[fmt].unavailable()
+            if why:
+                raise EdgepackError(f"{target.name}: the {fmt} exporter cannot run here: {why}")
+            plan[fmt] = names
+        if plan:
+            export_target(source, target, plan, folder, args.force, log=console.print)
+            built.append(target.name)
+    console.print(f"exported: {', '.join(built) or 'nothing'} → {folder}"
+                  + (f"; not available yet: {', '.join(skipped)}" if skipped else ""))
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from edgepack.artifacts import model_dir
+    from edgepack.runtime import open_runner
+    from edgepack.runtime.parity import trace_reference, validate_artifact
+    from edgepack.runtime.reference import source_artifact
+    from edgepack.runtime.report import update_report
+
+    console = _console()
+    targets = _targets(args)
+    source = _source(args)
+    artifacts = _artifacts(args, source, targets)
+    folder = model_dir(args.out, source.slug)
+    if not artifacts:
+        console.print(f"nothing to validate under {folder}: run edgepack export first")
+        return 0
+    with console.status("running the reference on the prompt set…"):
+        ref = trace_reference(open_runner(source_artifact(source)))
+    results, failed = [], []
+    for artifact in artifacts:
+        spec = targets.format_spec(artifact.format)
+        thresholds = spec.thresholds.get(artifact.variant, {}) if spec else {}
+        with console.status(f"validating {artifact.key}…"):
+            result = validate_artifact(artifact, thresholds, ref)
+        update_report(folder, source.slug, artifact, "parity", result)
+        results.append(result)
+        misses = [c for c in result["checks"] if not c["passed"]]
+        failed += [f"{artifact.key} {c['metric']} {c['value']:.4g} (needs {c['op']} {c['bound']:g})" for c in misses]
+        m = result["metrics"]
+        if not args.json:
+            verdict = "[red]FAIL[/red]" if misses else ("[green]pass[/green]" if thresholds else "no thresholds")
+            console.print(f"{artifact.key}: KL {m['kl']:.4g}, top-1 {m['top1']:.3f}, max|Δ| {m['max_abs_logit']:.3g}, "
+                          f"greedy {' '.join(m['greedy_tokens'])}, ppl ratio {m['ppl_ratio']:.4f} → {verdict}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    for line in failed:
+        console.print(f"[red]threshold missed:[/red] {line}")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    from edgepack.artifacts import model_dir
+    from edgepack.runtime.bench import bench_artifact, memory_read_bandwidth
+    from edgepack.runtime.reference import source_artifact
+    from edgepack.runtime.report import update_report
+
+    console = _console()
+    targets = _targets(args)
+    source = _source(args)
+    folder = model_dir(args.out, source.slug)
+    artifacts = _artifacts(args, source, targets)
+    if not args.target or "source" in args.target:
+        artifacts.insert(0, source_artifact(source))
+    bandwidth = memory_read_bandwidth()
+    console.print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    results = {}
+    for artifact in artifacts:
+        with console.status(f"benchmarking {artifact.key}…"):
+            result = bench_artifact(artifact, bandwidth)
+        update_report(folder, source.slug, artifact, "bench", result, bandwidth_gbs=round(bandwidth / 1e9, 2))
+        results[artifact.key] = result
+        if not args.json:
+            console.print(f"{artifact.key}: load {result['load_s']:.2f} s, TTFT {result['ttft_s']:.3f} s, "
+                          f"{result['decode_tok_s']:.1f} tok/s ({100 * result['roofline_ratio']:.0f} % of roofline "
+                          f"{result['roofline_tok_s']:.0f}), peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from edgepack.runtime import open_runner
+    from edgepack.runtime.reference import source_artifact
+
+    source = _source(args)
+    if args.target == "source":
+        artifact = source_artifact(source)
+    else:
+        targets = _targets(args)
+        args.target = [args.target]
+        candidates = _artifacts(args, source, targets)
+        if not candidates:
+            raise EdgepackError(f"no exported {args.target[0]} artifact"
+                                + (f" of variant {args.variant[0]}" if args.variant else "")
+                                + f" under {args.out}; run edgepack export --target {args.target[0]} first")
+        artifact = candidates[0]
+    runner = open_runner(artifact)
+    for text in runner.generate(args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from edgepack.artifacts import model_dir
+    from edgepack.runtime.report import write_reports
+
+    folder = model_dir(args.out, _source(args).slug)
+    print(write_reports(folder), end="")
+    _console().print(f"wrote {folder / 'report.json'}, report.md, report.html")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from edgepack.web import create_app
+
+    app = create_app(args.out)
+    _console().print(f"serving {Path(args.out).resolve()} on http://{args.host}:{args.port}/ (Ctrl-C stops)")
+    app.run(host=args.host, port=args.port, threaded=True)
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from edgepack.mobile import build_bundle, verify_bundle
+
+    if args.verify:
+        problems = verify_bundle(Path(args.verify))
+        for line in problems:
+            print(line)
+        return 1 if problems else 0
+    if not args.platform:
+        raise EdgepackError("bundle: pass --platform ios|android, or --verify DIR")
+    source = _source(args)
+    print(build_bundle(args.platform, source, args.out))
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from edgepack.doctor import diagnose
+
+    rows = diagnose(_targets(args))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table("target", "format", "exporter", "runner", "notes")
+    for row in rows:
+        table.add_row(row["target"], row["format"], row["exporter"], row["runner"], row["notes"])
+    from rich.console import Console
+
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgepack", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, func, help_text, model=True, targets=True, out=True):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        if model:
+            p.add_argument("--model", metavar="M", help="Hugging Face folder or .gguf file (default: embedded "
+                           "SmolLM2-135M-Instruct)")
+        if targets:
+            p.add_argument("--targets", metavar="FILE", help="targets file (default: the repository's targets.toml)")
+        if out:
+            p.add_argument("--out", type=Path, default=DEFAULT_DIST, metavar="DIR", help="dist folder (default: dist)")
+        return p
+
+    target_help = "web | ios | android | cpu | all (repeatable)"
+    p = command("export", cmd_export, "export the source model for each target")
+    p.add_argument("--target", nargs="+", action="extend", metavar="T", help=target_help)
+    p.add_argument("--variant", nargs="+", action="extend", metavar="V", help="only these variants")
+    p.add_argument("--force", action="store_true", help="rebuild even when the manifest says up to date")
+    for name, func, text in (("validate", cmd_validate, "check every exported artifact's parity with the source"),
+                             ("bench", cmd_bench, "measure load time, TTFT, tokens/s, memory and roofline")):
+        p = command(name, func, text)
+        p.add_argument("--target", nargs="+", action="extend", metavar="T", help=target_help)
+        p.add_argument("--variant", nargs="+", action="extend", metavar="V", help="only these variants")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    p = command("run", cmd_run, "generate with one artifact; streams only the generated text to stdout")
+    p.add_argument("--target", required=True, metavar="T", help="source | web | ios | android | cpu")
+    p.add_argument("--variant", nargs=1, metavar="V", help="variant (default: the first exported)")
+    p.add_argument("--prompt", required=True, help="user message (the model's chat template is applied)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    command("report", cmd_report, "write report.md and report.html from report.json and print the table",
+            targets=False)
+    p = command("serve", cmd_serve, "serve the exported models and the in-browser demo", model=False, targets=False)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--dist", dest="out", type=Path, default=argparse.SUPPRESS, help="same as --out")
+    p = command("bundle", cmd_bundle, "build an app-ready bundle for iOS or Android", targets=False)
+    p.add_argument("--platform", choices=("ios", "android"))
+    p.add_argument("--verify", metavar="DIR", help="re-hash a bundle folder against its manifest")
+    p = command("doctor", cmd_doctor, "which exporters and runtimes work here, and why not", model=False, out=False)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgepackError as exc:
+        if args.debug:
+            raise
+        print(f"edgepack: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgepack: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"edgepack: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

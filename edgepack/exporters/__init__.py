@@ -1,0 +1,98 @@
+"""Exporters: one module per format, one registry, and the atomic build of a target folder."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from edgepack import __version__
+from edgepack.artifacts import MANIFEST, atomic_dir, file_entry, library_versions, read_manifest, write_json
+from edgepack.errors import EdgepackError
+from edgepack.exporters.base import EXPORTERS, Exporter, register
+from edgepack.source import Source
+from edgepack.targets import TargetSpec
+
+__all__ = ["EXPORTERS", "Exporter", "register", "exporter_for", "export_target"]
+
+# Importing a format module registers its exporter; a format listed in targets.py with no module here is
+# reported as "not available yet" by doctor and skipped by `export --target all`.
+for _module in ():
+    __import__(f"edgepack.exporters.{_module}")
+
+
+def exporter_for(fmt: str) -> Exporter | None:
+    cls = EXPORTERS.get(fmt)
+    return cls() if cls else None
+
+
+def _reusable(old: dict | None, source: Source, target: TargetSpec, fmt: str) -> dict[str, dict]:
+    """Variants of an existing manifest that are still exactly what an export now would write."""
+    if not old or old.get("source", {}).get("sha256") != source.sha256 or old.get("context_length") != target.context_length:
+        return {}
+    version = EXPORTERS[fmt].version
+    return {
+        a["variant"]: a for a in old["artifacts"]
+        if a["format"] == fmt and a.get("exporter_version") == version and a.get("edgepack") == __version__
+    }
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
+def export_target(
+    source: Source, target: TargetSpec, variants: dict[str, list[str]], model_folder: Path, force: bool, log=print
+) -> Path:
+    """Build dist/<slug>/<target>/ with the requested variants (keeping other up-to-date ones) atomically."""
+    final = Path(model_folder) / target.name
+    old = read_manifest(final)
+    plan = []  # (fmt, variant, reusable entry or None)
+    for fmt, names in variants.items():
+        reuse = {} if force else _reusable(old, source, target, fmt)
+        kept = [v for v in reuse if v not in names]  # exported before, not asked for now: keep them
+        plan += [(fmt, v, reuse.get(v)) for v in names] + [(fmt, v, reuse[v]) for v in kept]
+    if old and all(entry for _, _, entry in plan) and len(plan) == len(old["artifacts"]):
+        log(f"{target.name}: up to date ({', '.join(v for _, v, _ in plan)}); --force rebuilds")
+        return final
+    artifacts = []
+    with atomic_dir(final) as tmp:
+        shared = []
+        for fmt in variants:
+            shared += EXPORTERS[fmt]().write_shared(source, tmp, target)
+        for fmt, variant, entry in plan:
+            if entry:
+                for f in entry["files"]:
+                    _link_or_copy(final / f["path"], tmp / f["path"])
+                artifacts.append(entry)
+                log(f"{target.name}: {fmt} {variant} up to date")
+                continue
+            log(f"{target.name}: exporting {fmt} {variant}…")
+            start = time.perf_counter()
+            files = EXPORTERS[fmt]().export_variant(source, variant, tmp, target)
+            seconds = time.perf_counter() - start
+            if not files:
+                raise EdgepackError(f"{target.name}: the {fmt} exporter wrote no file for {variant}")
+            artifacts.append({
+                "format": fmt, "variant": variant, "files": [file_entry(f, tmp) for f in files],
+                "export_seconds": round(seconds, 2), "exporter_version": EXPORTERS[fmt].version,
+                "edgepack": __version__, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            log(f"{target.name}: {fmt} {variant} written in {seconds:.1f} s")
+        write_json(tmp / MANIFEST, {
+            "edgepack": __version__,
+            "target": target.name,
+            "context_length": target.context_length,
+            "source": {"slug": source.slug, "sha256": source.sha256, "origin": source.origin, "path": str(source.path)},
+            "libraries": library_versions(),
+            "shared_files": [file_entry(f, tmp) for f in dict.fromkeys(shared)],
+            "artifacts": artifacts,
+        })
+    return final

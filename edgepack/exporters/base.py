@@ -1,0 +1,37 @@
+"""The Exporter interface and the registry every format module registers itself in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from edgepack.source import Source
+from edgepack.targets import TargetSpec
+
+EXPORTERS: dict[str, type["Exporter"]] = {}
+
+
+def register(cls: type["Exporter"]) -> type["Exporter"]:
+    """Class decorator: make an exporter available under its format name."""
+    EXPORTERS[cls.format] = cls
+    return cls
+
+
+class Exporter:
+    """Turns a source model into one format's variants. Subclasses set `format` and `version`."""
+
+    format: ClassVar[str]
+    version: ClassVar[str] = "1"  # bump when output for the same inputs changes, so old exports are rebuilt
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this exporter cannot run on this machine (a missing package…), or None when it can."""
+        return None
+
+    def write_shared(self, source: Source, out: Path, target: TargetSpec) -> list[Path]:
+        """Files every variant of the target shares (config, tokenizer with its chat template)."""
+        return source.copy_model_files(out)
+
+    def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
+        """Write one variant under out; return the files written."""
+        raise NotImplementedError

@@ -1,0 +1,123 @@
+"""Parity with the source: max |Δlogit|, KL, teacher-forced top-1, greedy match, perplexity ratio; and the checks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from edgepack.artifacts import Artifact
+from edgepack.runtime import open_runner
+from edgepack.runtime.base import Runner
+
+MAX_NEW_TOKENS = 64
+
+# targets.toml threshold key -> (metric, comparison)
+CHECKS = {
+    "max_abs_logit": ("max_abs_logit", "<="),
+    "max_kl": ("kl", "<="),
+    "min_top1": ("top1", ">="),
+    "min_greedy": ("greedy", ">="),
+    "max_ppl_ratio": ("ppl_ratio", "<="),
+}
+
+
+def prompt_set() -> dict:
+    """The fixed prompts: four chat prompts and a plain-text passage of more than 256 tokens."""
+    return json.loads(resources.files("edgepack").joinpath("data/parity.json").read_text(encoding="utf-8"))
+
+
+@dataclass
+class ReferenceTrace:
+    """What the reference did on the prompt set: its greedy answers and the logits along them."""
+
+    prompts: list[list[int]]
+    answers: list[list[int]]  # greedy continuation, through the end-of-turn token when one came
+    logits: list[np.ndarray]  # per prompt [len(answer), vocab]: the logits that predicted each answer token
+    passage: list[int]
+    passage_logits: np.ndarray  # [len(passage) - 1, vocab]
+
+
+def teacher_forced(runner: Runner, prompt: list[int], continuation: list[int]) -> np.ndarray:
+    """Logits predicting each token of continuation, feeding the continuation itself (prefill, then decode)."""
+    runner.reset()
+    rows = [runner.prefill(prompt)]
+    for token in continuation[:-1]:
+        rows.append(runner.decode(token))
+    return np.stack(rows).astype(np.float32)
+
+
+def trace_reference(runner: Runner, max_new_tokens: int = MAX_NEW_TOKENS) -> ReferenceTrace:
+    """Run the reference on the prompt set once; every artifact is then compared with this trace."""
+    prompts = prompt_set()
+    ids = [runner.encode(p) for p in prompts["chat"]]
+    answers, logits = [], []
+    for prompt in ids:
+        answer = list(runner.generate_ids(prompt, max_new_tokens))
+        answers.append(answer)
+        logits.append(teacher_forced(runner, prompt, answer))
+    passage = runner.encode(prompts["passage"], chat=False)
+    passage_logits = teacher_forced(runner, passage[:1], passage[1:])
+    return ReferenceTrace(ids, answers, logits, passage, passage_logits)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _nll(logits: np.ndarray, targets: list[int]) -> float:
+    return float(-_log_softmax(logits)[np.arange(len(targets)), targets].mean())
+
+
+def compare(ref: ReferenceTrace, logits: list[np.ndarray], passage_logits: np.ndarray) -> dict:
+    """Metrics of an artifact's teacher-forced logits against the reference trace."""
+    kls, top1, max_abs, matched, full = [], [], 0.0, [], 0
+    for answer, want, got in zip(ref.answers, ref.logits, logits):
+        max_abs = max(max_abs, float(np.abs(want - got).max()))
+        p_log, q_log = _log_softmax(want), _log_softmax(got)
+        kls.append((np.exp(p_log) * (p_log - q_log)).sum(axis=-1))
+        agree = got.argmax(axis=-1) == np.asarray(answer)
+        top1.append(agree)
+        # While the artifact's argmax equals the reference token, its greedy answer is the teacher-forced one,
+        # so the greedy match is the agreeing prefix; it ends at the reference's end-of-turn token.
+        n = len(answer) if agree.all() else int(np.argmin(agree))
+        matched.append(n)
+        full += n == len(answer)
+    ppl_ratio = float(np.exp(_nll(passage_logits, ref.passage[1:]) - _nll(ref.passage_logits, ref.passage[1:])))
+    return {
+        "max_abs_logit": max_abs,
+        "kl": float(np.concatenate(kls).mean()),
+        "top1": float(np.concatenate(top1).mean()),
+        "greedy": full / len(ref.answers),
+        "greedy_tokens": [f"{m}/{len(a)}" for m, a in zip(matched, ref.answers)],
+        "ppl_ratio": ppl_ratio,
+        "positions": int(sum(len(a) for a in ref.answers)),
+    }
+
+
+def measure(runner: Runner, ref: ReferenceTrace) -> dict:
+    """Run an artifact over the reference's prompts and answers and compare."""
+    logits = [teacher_forced(runner, p, a) for p, a in zip(ref.prompts, ref.answers)]
+    passage = teacher_forced(runner, ref.passage[:1], ref.passage[1:])
+    return compare(ref, logits, passage)
+
+
+def check(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
+    """One outcome per threshold: the metric, its value, the bound, and whether it passed."""
+    outcomes = []
+    for key, bound in thresholds.items():
+        metric, op = CHECKS[key]
+        value = metrics[metric]
+        passed = value <= bound if op == "<=" else value >= bound
+        outcomes.append({"check": key, "metric": metric, "value": value, "op": op, "bound": bound, "passed": passed})
+    return outcomes
+
+
+def validate_artifact(artifact: Artifact, thresholds: dict[str, float], ref: ReferenceTrace) -> dict:
+    """Load an artifact's runner, measure it against the reference, and check it: used by the CLI and pytest."""
+    metrics = measure(open_runner(artifact), ref)
+    return {"key": artifact.key, "metrics": metrics, "checks": check(metrics, thresholds)}

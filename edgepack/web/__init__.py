@@ -1,0 +1,94 @@
+"""`edgepack serve`: a Flask app that serves the exported models (and the demo page) from the dist folder only."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from flask import Flask, abort, jsonify, send_file
+
+from edgepack.artifacts import read_manifest
+
+MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
+        ".html": "text/html", ".md": "text/markdown"}  # everything else (model files) is application/octet-stream
+
+
+def safe_file(root: Path, sub: str) -> Path | None:
+    """The file sub names under root, or None for anything that could reach outside it (../, absolute, \\,
+    a symlink pointing out) or is not a plain file (no directory listings)."""
+    if not sub or "\\" in sub or sub.startswith("/") or "\x00" in sub:
+        return None
+    if any(part in ("..", "") for part in sub.split("/")):
+        return None
+    root = root.resolve()
+    path = (root / sub).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path
+
+
+def _models(dist: Path) -> list[dict]:
+    models = []
+    for folder in sorted(p for p in dist.iterdir() if p.is_dir() and not p.name.startswith(".")) if dist.is_dir() else []:
+        report_file = folder / "report.json"
+        rows = json.loads(report_file.read_text()).get("rows", {}) if report_file.is_file() else {}
+        targets = []
+        for target_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            manifest = read_manifest(target_dir)
+            if manifest is None:
+                continue
+            variants = [{
+                "format": a["format"], "variant": a["variant"],
+                "files": [{"path": f"{target_dir.name}/{f['path']}", "bytes": f["bytes"]} for f in a["files"]],
+                "parity": rows.get(f"{manifest['target']}/{a['format']}/{a['variant']}", {}).get("parity", {}).get("metrics"),
+                "bench": rows.get(f"{manifest['target']}/{a['format']}/{a['variant']}", {}).get("bench"),
+            } for a in manifest["artifacts"]]
+            targets.append({"target": manifest["target"], "variants": variants})
+        models.append({"slug": folder.name, "targets": targets,
+                       "report": "report.html" if (folder / "report.html").is_file() else None})
+    return models
+
+
+def create_app(dist: str | Path = "dist") -> Flask:
+    """The app: / (index), /api/models (JSON), /models/<slug>/<path> (artifacts, with Range and ETag)."""
+    dist = Path(dist)
+    app = Flask(__name__, static_folder=None)
+    app.url_map.merge_slashes = False  # "//etc/passwd" is a 404, not a redirect
+
+    @app.after_request
+    def isolate(response):
+        # crossOriginIsolated pages get SharedArrayBuffer, which WASM threads need.
+        response.headers["Cross-Origin-Opener-Policy"] = "same-origin"
+        response.headers["Cross-Origin-Embedder-Policy"] = "require-corp"
+        response.headers["Cross-Origin-Resource-Policy"] = "same-origin"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    @app.get("/")
+    def index():
+        items = "".join(
+            f"<li><b>{html.escape(m['slug'])}</b>: "
+            + ", ".join(html.escape(f"{t['target']} ({len(t['variants'])} variants)") for t in m["targets"])
+            + (f" — <a href='/models/{html.escape(m['slug'])}/{m['report']}'>report</a>" if m["report"] else "")
+            + "</li>" for m in _models(dist))
+        return (f"<!doctype html><meta charset='utf-8'><title>edgepack</title><h1>edgepack</h1>"
+                f"<ul>{items or '<li>nothing exported yet: run edgepack export</li>'}</ul>")
+
+    @app.get("/api/models")
+    def models():
+        return jsonify(_models(dist))
+
+    @app.get("/models/<path:sub>")
+    def artifact(sub: str):
+        path = safe_file(dist, sub)
+        if path is None:
+            abort(404)
+        mimetype = MIME.get(path.suffix, "application/octet-stream")
+        return send_file(path, mimetype=mimetype, conditional=True, etag=True, last_modified=path.stat().st_mtime)
+
+    @app.errorhandler(404)
+    def not_found(_):
+        return jsonify({"error": "not found"}), 404
+
+    return app

@@ -1,0 +1,57 @@
+"""`edgepack serve`: only the dist folder is reachable; isolation headers; ranges and caching on artifacts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from edgepack.artifacts import write_json
+from edgepack.web import create_app
+
+
+@pytest.fixture()
+def client(tmp_path):
+    dist = tmp_path / "dist"
+    target = dist / "tiny" / "cpu"
+    target.mkdir(parents=True)
+    (target / "model-F16.gguf").write_bytes(bytes(range(256)) * 4)
+    write_json(target / "manifest.json", {"target": "cpu", "artifacts": [{"format": "gguf", "variant": "F16", "files": [
+        {"path": "model-F16.gguf", "bytes": 1024, "sha256": "x"}]}]})
+    (tmp_path / "secret.txt").write_text("do not serve")
+    os.symlink(tmp_path / "secret.txt", target / "link.gguf")
+    return create_app(dist).test_client()
+
+
+def test_models_api_lists_exported_variants(client):
+    models = client.get("/api/models").get_json()
+    assert models[0]["slug"] == "tiny"
+    assert models[0]["targets"][0]["variants"][0]["files"] == [{"path": "cpu/model-F16.gguf", "bytes": 1024}]
+
+
+@pytest.mark.parametrize("path", [
+    "/models/../secret.txt", "/models/%2e%2e/secret.txt", "/models/tiny/%2e%2e/%2e%2e/secret.txt",
+    "/models/tiny/cpu/..%5c..%5csecret.txt", "/models//etc/passwd", "/models/tiny/cpu/link.gguf",
+    "/models/tiny/cpu", "/models/tiny/cpu/", "/models/tiny/cpu/nope.gguf",
+])
+def test_nothing_outside_the_dist_folder_is_reachable(client, path):
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.get_json() == {"error": "not found"}
+
+
+def test_every_response_is_cross_origin_isolated(client):
+    for path in ("/", "/api/models", "/models/tiny/cpu/model-F16.gguf", "/missing"):
+        headers = client.get(path).headers
+        assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+
+
+def test_artifacts_support_ranges_and_conditional_requests(client):
+    full = client.get("/models/tiny/cpu/model-F16.gguf")
+    assert full.headers["Content-Type"] == "application/octet-stream"
+    assert full.headers["Accept-Ranges"] == "bytes" and full.headers["ETag"] and full.headers["Last-Modified"]
+    part = client.get("/models/tiny/cpu/model-F16.gguf", headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.data == bytes(range(10, 20))
+    cached = client.get("/models/tiny/cpu/model-F16.gguf", headers={"If-None-Match": full.headers["ETag"]})
+    assert cached.status_code == 304
