@@ -109,6 +109,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if old.exists() and not final.exists():  # a swap was interrupted between its two renames
         os.replace(old, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the finished folder private
     try:
         yield tmp
     except BaseException:

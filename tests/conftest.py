@@ -56,7 +56,7 @@ def build_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
     model_type = overrides.pop("model_type")
     config = AutoConfig.for_model(
         model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
         initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides,
     )
     torch.manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from datetime import datetime, timezone
@@ -18,7 +19,7 @@ __all__ = ["EXPORTERS", "Exporter", "register", "exporter_for", "export_target"]
 
 # Importing a format module registers its exporter; a format listed in targets.py with no module here is
 # reported as "not available yet" by doctor and skipped by `export --target all`.
-for _module in ():
+for _module in ("gguf",):
     __import__(f"edgepack.exporters.{_module}")
 
 
@@ -48,6 +49,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+@contextlib.contextmanager
+def _finishing(exporters):
+    try:
+        yield
+    finally:
+        for exporter in exporters:
+            exporter.finish()
+
+
 def export_target(
     source: Source, target: TargetSpec, variants: dict[str, list[str]], model_folder: Path, force: bool, log=print
 ) -> Path:
@@ -63,10 +73,11 @@ def export_target(
         log(f"{target.name}: up to date ({', '.join(v for _, v, _ in plan)}); --force rebuilds")
         return final
     artifacts = []
-    with atomic_dir(final) as tmp:
+    exporters = {fmt: EXPORTERS[fmt]() for fmt in variants}
+    with atomic_dir(final) as tmp, _finishing(exporters.values()):
         shared = []
-        for fmt in variants:
-            shared += EXPORTERS[fmt]().write_shared(source, tmp, target)
+        for fmt, exporter in exporters.items():
+            shared += exporter.write_shared(source, tmp, target)
         for fmt, variant, entry in plan:
             if entry:
                 for f in entry["files"]:
@@ -76,7 +87,11 @@ def export_target(
                 continue
             log(f"{target.name}: exporting {fmt} {variant}…")
             start = time.perf_counter()
-            files = EXPORTERS[fmt]().export_variant(source, variant, tmp, target)
+            try:
+                files = exporters[fmt].export_variant(source, variant, tmp, target)
+            except OSError as exc:  # disk full, permissions: the atomic folder is removed on the way out
+                raise EdgepackError(f"{target.name}: writing {fmt} {variant} failed ({exc.strerror or exc}); "
+                                    f"free space under {final.parent} and re-run") from None
             seconds = time.perf_counter() - start
             if not files:
                 raise EdgepackError(f"{target.name}: the {fmt} exporter wrote no file for {variant}")

@@ -35,3 +35,6 @@ class Exporter:
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
         """Write one variant under out; return the files written."""
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Remove whatever the exporter kept between variants (called once, after the last, even on failure)."""

@@ -99,6 +99,10 @@ class Runner:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
+    def decode_text(self, ids: list[int]) -> str:
+        """Text of generated ids, special tokens left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def generate_ids(self, ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                      seed: int = 0) -> Iterator[int]:
         """Yield generated token ids, stopping after an end-of-turn token or max_new_tokens."""
@@ -118,9 +122,10 @@ class Runner:
         """Stream the answer's text as it is generated, using the model's chat template."""
         out: list[int] = []
         shown = ""
+        eos = self.eos_ids()
         for token in self.generate_ids(self.encode(prompt), max_new_tokens, temperature, top_p, seed):
             out.append(token)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            text = self.decode_text([t for t in out if t not in eos])
             if text.endswith("\ufffd"):  # a multi-byte character not complete yet
                 continue
             yield text[len(shown):]

@@ -1,0 +1,21 @@
+"""Quieting native libraries (llama.cpp) that log straight to file descriptor 2."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send fd 2 (and Python's sys.stderr, where llama-cpp-python forwards llama.cpp's log) to nowhere for the
+    duration: edgepack prints its own one-line errors."""
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(io.StringIO()):
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
