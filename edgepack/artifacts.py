@@ -16,6 +16,7 @@ from typing import Iterator
 from edgepack.errors import EdgepackError
 
 MANIFEST = "manifest.json"
+BASELINE_DIR = "baseline"  # an exporter's plain reference build of a variant, validated beside it for comparison
 LIBRARIES = ("edgepack", "torch", "transformers", "numpy", "gguf", "onnx", "onnxruntime", "coremltools",
              "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "llama_cpp_python")
 
@@ -28,7 +29,8 @@ class Artifact:
     format: str
     variant: str
     dir: Path  # the target folder (or the source folder for target 'source')
-    files: tuple[Path, ...]
+    files: tuple[Path, ...]  # the first is the model file
+    baseline: tuple[Path, ...] = ()  # a plain build of the same variant, when the exporter made one
 
     @property
     def key(self) -> str:
@@ -86,11 +88,15 @@ def artifacts_in(model_folder: Path) -> list[Artifact]:
         if manifest is None:
             continue
         for entry in manifest["artifacts"]:
+            for f in entry["files"] + entry.get("baseline_files", []):
+                path = target_dir / f["path"]
+                if not path.is_file() or path.stat().st_size != f["bytes"]:
+                    problem = "missing" if not path.is_file() else f"truncated or changed ({path.stat().st_size} bytes)"
+                    raise EdgepackError(f"{path}: {problem}, the manifest says {f['bytes']} bytes; "
+                                        f"re-export with --force")
             files = tuple(target_dir / f["path"] for f in entry["files"])
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise EdgepackError(f"{target_dir}: manifest lists missing file {missing[0]}; re-export with --force")
-            found.append(Artifact(manifest["target"], entry["format"], entry["variant"], target_dir, files))
+            baseline = tuple(target_dir / f["path"] for f in entry.get("baseline_files", []))
+            found.append(Artifact(manifest["target"], entry["format"], entry["variant"], target_dir, files, baseline))
     return found
 
 

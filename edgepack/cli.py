@@ -142,7 +142,7 @@ def cmd_validate(args) -> int:
 
 def cmd_bench(args) -> int:
     from edgepack.artifacts import model_dir
-    from edgepack.runtime.bench import bench_artifact, memory_read_bandwidth
+    from edgepack.runtime.bench import anchor_artifact, bench_artifact, memory_read_bandwidth
     from edgepack.runtime.reference import source_artifact
     from edgepack.runtime.report import update_report
 
@@ -153,6 +153,8 @@ def cmd_bench(args) -> int:
     artifacts = _artifacts(args, source, targets)
     if not args.target or "source" in args.target:
         artifacts.insert(0, source_artifact(source))
+    if any(a.format == "gguf" for a in artifacts):
+        artifacts.append(anchor_artifact())
     bandwidth = memory_read_bandwidth()
     console.print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     results = {}

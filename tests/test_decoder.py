@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edgepack.model import causal_mask, load_decoder
+from edgepack.model.decoder import causal_mask
+from edgepack.model.weights import load_decoder
 
 TOLERANCE = 1e-4
 

@@ -140,12 +140,15 @@ def test_default_model_every_cpu_variant_exports_and_validates(default_source, t
                                     capture_output=True, text=True, timeout=1200)
     exported = run("export", "--target", "cpu")
     assert exported.returncode == 0, exported.stderr
-    files = sorted(p.name for p in (env_out / default_source.slug / "cpu").glob("*.gguf"))
+    files = sorted(p.name for p in (env_out / default_source.slug / "cpu").glob("smollm2-*.gguf"))
     assert files == sorted(f"smollm2-135m-instruct-{v}.gguf" for v in CPU.formats["gguf"].variants)
     validated = run("validate", "--target", "cpu", "--json")
     assert validated.returncode == 0, validated.stdout + validated.stderr
     results = {r["key"]: r for r in json.loads(validated.stdout)}
     assert results["cpu/gguf/F16"]["metrics"]["greedy"] == 1.0
+    for variant in ("Q5_K_S", "Q4_K_M", "Q4_0", "Q2_K"):  # the importance matrix beats plain llama-quantize
+        result = results[f"cpu/gguf/{variant}"]
+        assert result["metrics"]["kl"] < result["baseline"]["kl"], result
     answer = run("run", "--target", "cpu", "--variant", "F16", "--prompt", "What is the capital of France?")
     assert "Paris" in answer.stdout, answer.stdout + answer.stderr
 

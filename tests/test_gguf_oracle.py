@@ -65,4 +65,8 @@ def test_tensors_and_tokenizer_equal_llama_cpps_own_converter_and_quantizer(defa
 
     oracle_q = tmp_path / "oracle-Q4_K_M.gguf"
     quantize(oracle_f16, oracle_q, "Q4_K_M")
-    assert _tensors(folder / gguf_file_name(default_source, "Q4_K_M")) == _tensors(oracle_q)
+    shipped = folder / gguf_file_name(default_source, "Q4_K_M")
+    plain = folder / "baseline" / shipped.name
+    assert _tensors(plain) == _tensors(oracle_q)  # the plain build is llama.cpp's own toolchain, exactly
+    assert (folder / "imatrix.gguf").is_file()
+    assert _tensors(shipped) != _tensors(oracle_q)  # the shipped one is quantized with the importance matrix

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack import __version__
-from edgepack.artifacts import MANIFEST, atomic_dir, file_entry, library_versions, read_manifest, write_json
+from edgepack.artifacts import BASELINE_DIR, MANIFEST, atomic_dir, file_entry, library_versions, read_manifest, write_json
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import EXPORTERS, Exporter, register
 from edgepack.source import Source
@@ -75,13 +75,13 @@ def export_target(
     artifacts = []
     exporters = {fmt: EXPORTERS[fmt]() for fmt in variants}
     with atomic_dir(final) as tmp, _finishing(exporters.values()):
-        shared = []
-        for fmt, exporter in exporters.items():
-            shared += exporter.write_shared(source, tmp, target)
+        for exporter in exporters.values():
+            exporter.write_shared(source, tmp, target)
         for fmt, variant, entry in plan:
             if entry:
-                for f in entry["files"]:
-                    _link_or_copy(final / f["path"], tmp / f["path"])
+                for f in entry["files"] + entry.get("baseline_files", []) + old["shared_files"]:
+                    if not (tmp / f["path"]).exists():
+                        _link_or_copy(final / f["path"], tmp / f["path"])
                 artifacts.append(entry)
                 log(f"{target.name}: {fmt} {variant} up to date")
                 continue
@@ -96,18 +96,27 @@ def export_target(
             if not files:
                 raise EdgepackError(f"{target.name}: the {fmt} exporter wrote no file for {variant}")
             artifacts.append({
-                "format": fmt, "variant": variant, "files": [file_entry(f, tmp) for f in files],
+                "format": fmt, "variant": variant,
+                "files": [file_entry(f, tmp) for f in files if not _is_baseline(f, tmp)],
+                "baseline_files": [file_entry(f, tmp) for f in files if _is_baseline(f, tmp)],
                 "export_seconds": round(seconds, 2), "exporter_version": EXPORTERS[fmt].version,
                 "edgepack": __version__, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             })
             log(f"{target.name}: {fmt} {variant} written in {seconds:.1f} s")
+        listed = {f["path"] for a in artifacts for f in a["files"] + a["baseline_files"]}
+        shared = sorted(p for p in tmp.rglob("*") if p.is_file() and p.relative_to(tmp).as_posix() not in listed)
         write_json(tmp / MANIFEST, {
             "edgepack": __version__,
             "target": target.name,
             "context_length": target.context_length,
             "source": {"slug": source.slug, "sha256": source.sha256, "origin": source.origin, "path": str(source.path)},
             "libraries": library_versions(),
-            "shared_files": [file_entry(f, tmp) for f in dict.fromkeys(shared)],
+            "shared_files": [file_entry(f, tmp) for f in shared],  # every other file in the folder
             "artifacts": artifacts,
         })
     return final
+
+
+def _is_baseline(path: Path, root: Path) -> bool:
+    """Files under baseline/ are a plain reference build that validate compares the variant with."""
+    return path.relative_to(root).parts[0] == BASELINE_DIR

@@ -28,9 +28,9 @@ class Exporter:
         """Why this exporter cannot run on this machine (a missing package…), or None when it can."""
         return None
 
-    def write_shared(self, source: Source, out: Path, target: TargetSpec) -> list[Path]:
+    def write_shared(self, source: Source, out: Path, target: TargetSpec) -> None:
         """Files every variant of the target shares (config, tokenizer with its chat template)."""
-        return source.copy_model_files(out)
+        source.copy_model_files(out)
 
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
         """Write one variant under out; return the files written."""

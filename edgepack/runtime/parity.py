@@ -120,4 +120,8 @@ def check(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
 def validate_artifact(artifact: Artifact, thresholds: dict[str, float], ref: ReferenceTrace) -> dict:
     """Load an artifact's runner, measure it against the reference, and check it: used by the CLI and pytest."""
     metrics = measure(open_runner(artifact), ref)
-    return {"key": artifact.key, "metrics": metrics, "checks": check(metrics, thresholds)}
+    result = {"key": artifact.key, "metrics": metrics, "checks": check(metrics, thresholds)}
+    if artifact.baseline:  # the exporter's plain build of the same variant: how much its extra work bought
+        plain = Artifact(artifact.target, artifact.format, artifact.variant, artifact.dir, artifact.baseline)
+        result["baseline"] = measure(open_runner(plain), ref)
+    return result

