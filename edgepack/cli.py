@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -244,7 +245,7 @@ def cmd_doctor(args) -> int:
         table.add_row(row["target"], row["format"], row["exporter"], row["runner"], row["notes"])
     from rich.console import Console
 
-    Console().print(table)
+    Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
     return 0
 
 

@@ -11,7 +11,7 @@ from edgepack.targets import FORMATS, Targets
 
 # What a user should know about a format beyond "it works" (platform limits that are not bugs).
 NOTES = {
-    "coreml": "Core ML prediction needs macOS; on Linux the program is checked by edgepack's MIL interpreter",
+    "coreml": "Core ML prediction needs macOS",
     "onnx": "in-browser tests need Debian's chromium",
 }
 
@@ -36,7 +36,7 @@ def diagnose(targets: Targets) -> list[dict]:
                  "runner": _state(RUNNERS["transformers"]), "notes": default})
     for fmt, facts in FORMATS.items():
         exporter = EXPORTERS.get(fmt)
-        notes = [NOTES.get(fmt, "")]
+        notes = [NOTES.get(fmt, ""), exporter.notes() if exporter else ""]
         if fmt not in listed:
             notes.insert(0, "not in targets file")
         if fmt == "onnx" and not shutil.which("chromium"):

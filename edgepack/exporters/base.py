@@ -28,6 +28,11 @@ class Exporter:
         """Why this exporter cannot run on this machine (a missing package…), or None when it can."""
         return None
 
+    @classmethod
+    def notes(cls) -> str:
+        """What a user should know about this exporter on this machine (shown by doctor)."""
+        return ""
+
     def write_shared(self, source: Source, out: Path, target: TargetSpec) -> None:
         """Files every variant of the target shares (config, tokenizer with its chat template)."""
         source.copy_model_files(out)
