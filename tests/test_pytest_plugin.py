@@ -38,4 +38,4 @@ def test_the_plugin_gates_each_variant_and_check(tiny_llama, tmp_path):
     assert "1 failed, 2 passed" in out.stdout, out.stdout + out.stderr
     assert "cpu/gguf/Q2_K: top1 =" in out.stdout and "needs >= 0.999" in out.stdout
     cases = {c.get("name"): c.find("failure") is not None for c in ET.parse(junit).iter("testcase")}
-    assert cases == {"cpu/gguf/F16::max_kl": False, "cpu/gguf/F16::min_top1": False, "cpu/gguf/Q2_K::min_top1": True}
+    assert cases == {"cpu/gguf/F16[max_kl]": False, "cpu/gguf/F16[min_top1]": False, "cpu/gguf/Q2_K[min_top1]": True}

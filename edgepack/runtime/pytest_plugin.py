@@ -71,7 +71,7 @@ class ParityCheck(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.artifact.dir, None, f"{self.artifact.key}::{self.check}"
+        return self.artifact.dir, None, f"{self.artifact.key}[{self.check}]"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -90,5 +90,5 @@ def pytest_collection_modifyitems(session, config, items):
         spec = targets.format_spec(artifact.format)
         thresholds = spec.thresholds.get(artifact.variant, {}) if spec else {}
         for check in thresholds:
-            items.append(ParityCheck.from_parent(session, name=f"{artifact.key}::{check}", artifact=artifact,
+            items.append(ParityCheck.from_parent(session, name=f"{artifact.key}[{check}]", artifact=artifact,
                                                  check=check, thresholds=thresholds, shared=shared))
