@@ -1,4 +1,4 @@
-"""Quieting native libraries (llama.cpp) that log straight to file descriptor 2."""
+"""Living with native libraries (llama.cpp): whether they are installed, and quieting their logging."""
 
 from __future__ import annotations
 
@@ -19,3 +19,12 @@ def quiet_stderr():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def llama_cpp_missing() -> str | None:
+    """Why llama-cpp-python cannot be used here, or None (the cpu exporter and runner both need it)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python)"
+    return None

@@ -89,6 +89,11 @@ def test_an_unchanged_export_is_skipped_and_force_rebuilds(tiny_models, tmp_path
     second = export(tiny_models["qwen2"], tmp_path, ("F16", "Q8_0"))
     assert {a.variant for a in second} == {"F16", "Q8_0"}
     assert next(a for a in second if a.variant == "F16").files[0].stat().st_mtime_ns == mtime  # reused
+    source = resolve(str(tiny_models["qwen2"]))
+    export_target(source, CPU, {"gguf": ["Q8_0"]}, tmp_path / source.slug, force=True, log=lambda *_: None)
+    third = {a.variant: a for a in artifacts_in(tmp_path / source.slug)}
+    assert set(third) == {"F16", "Q8_0"}  # --force rebuilt what was asked for and kept the rest
+    assert third["F16"].files[0].stat().st_mtime_ns == mtime
 
 
 def test_a_tokenizer_gguf_cannot_express_is_one_clear_error(tiny_models, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,17 +16,12 @@ from edgepack.exporters.base import EXPORTERS, Exporter, register
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
 
-__all__ = ["EXPORTERS", "Exporter", "register", "exporter_for", "export_target"]
+__all__ = ["EXPORTERS", "Exporter", "register", "export_target"]
 
 # Importing a format module registers its exporter; a format listed in targets.py with no module here is
 # reported as "not available yet" by doctor and skipped by `export --target all`.
 for _module in ("gguf",):
     __import__(f"edgepack.exporters.{_module}")
-
-
-def exporter_for(fmt: str) -> Exporter | None:
-    cls = EXPORTERS.get(fmt)
-    return cls() if cls else None
 
 
 def _reusable(old: dict | None, source: Source, target: TargetSpec, fmt: str) -> dict[str, dict]:
@@ -44,8 +40,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
     except OSError:
-        import shutil
-
         shutil.copy2(src, dst)
 
 
@@ -64,16 +58,20 @@ def export_target(
     """Build dist/<slug>/<target>/ with the requested variants (keeping other up-to-date ones) atomically."""
     final = Path(model_folder) / target.name
     old = read_manifest(final)
-    plan = []  # (fmt, variant, reusable entry or None)
+    plan = []  # (fmt, variant, reusable manifest entry or None)
     for fmt, names in variants.items():
-        reuse = {} if force else _reusable(old, source, target, fmt)
-        kept = [v for v in reuse if v not in names]  # exported before, not asked for now: keep them
-        plan += [(fmt, v, reuse.get(v)) for v in names] + [(fmt, v, reuse[v]) for v in kept]
+        reuse = _reusable(old, source, target, fmt)
+        plan += [(fmt, v, None if force else reuse.get(v)) for v in names]
+    asked = {(fmt, v) for fmt, v, _ in plan}
+    for entry in old["artifacts"] if old else []:  # exported before, not asked for now: keep if still current
+        fmt = entry["format"]
+        if (fmt, entry["variant"]) not in asked and fmt in EXPORTERS and entry["variant"] in _reusable(old, source, target, fmt):
+            plan.append((fmt, entry["variant"], entry))
     if old and all(entry for _, _, entry in plan) and len(plan) == len(old["artifacts"]):
         log(f"{target.name}: up to date ({', '.join(v for _, v, _ in plan)}); --force rebuilds")
         return final
     artifacts = []
-    exporters = {fmt: EXPORTERS[fmt]() for fmt in variants}
+    exporters = {fmt: EXPORTERS[fmt]() for fmt, _, _ in plan}
     with atomic_dir(final) as tmp, _finishing(exporters.values()):
         for exporter in exporters.values():
             exporter.write_shared(source, tmp, target)

@@ -18,7 +18,7 @@ import numpy as np
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
 from edgepack.model.weights import read_hf_weights
-from edgepack.native import quiet_stderr
+from edgepack.native import llama_cpp_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import FORMATS, TargetSpec
 
@@ -234,11 +234,7 @@ class GGUFExporter(Exporter):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            return "llama-cpp-python is not installed (pip install llama-cpp-python)"
-        return None
+        return llama_cpp_missing()
 
     @classmethod
     def notes(cls) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 
 from edgepack.artifacts import Artifact
 from edgepack.errors import EdgepackError
-from edgepack.native import quiet_stderr
+from edgepack.native import llama_cpp_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
 
 
@@ -19,11 +19,7 @@ class LlamaCppRunner(Runner):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            return "llama-cpp-python is not installed (pip install llama-cpp-python)"
-        return None
+        return llama_cpp_missing()
 
     def _load_model(self, artifact: Artifact) -> None:
         import llama_cpp
