@@ -41,6 +41,8 @@ def _artifacts(args, source, targets) -> list:
     if not folder.is_dir():
         return []
     wanted = [t for t in args.target or [] if t != "source"]
+    if args.target and not wanted:  # only the source was asked for
+        return []
     chosen = {t.name for t in targets.select(wanted)} if wanted else None
     found = []
     for artifact in artifacts_in(folder):

@@ -15,7 +15,7 @@ from edgepack.source import resolve
 
 def _trace(rng, prompts=4, answer_len=64, vocab=50, passage_len=300) -> ReferenceTrace:
     logits = [rng.normal(size=(answer_len, vocab)).astype(np.float32) for _ in range(prompts)]
-    answers = [list(map(int, l.argmax(axis=-1))) for l in logits]  # greedy: each token is the argmax
+    answers = [list(map(int, row.argmax(axis=-1))) for row in logits]  # greedy: each token is the argmax
     passage = list(map(int, rng.integers(0, vocab, passage_len)))
     return ReferenceTrace([[1, 2, 3]] * prompts, answers, logits, passage,
                           rng.normal(size=(passage_len - 1, vocab)).astype(np.float32))
@@ -23,7 +23,7 @@ def _trace(rng, prompts=4, answer_len=64, vocab=50, passage_len=300) -> Referenc
 
 def test_identical_logits_give_kl_zero_top1_one_and_a_full_greedy_match():
     ref = _trace(np.random.default_rng(0))
-    metrics = compare(ref, [l.copy() for l in ref.logits], ref.passage_logits.copy())
+    metrics = compare(ref, [row.copy() for row in ref.logits], ref.passage_logits.copy())
     assert metrics["kl"] == 0.0
     assert metrics["top1"] == 1.0
     assert metrics["max_abs_logit"] == 0.0
@@ -34,7 +34,7 @@ def test_identical_logits_give_kl_zero_top1_one_and_a_full_greedy_match():
 
 def test_greedy_match_stops_at_the_first_divergence():
     ref = _trace(np.random.default_rng(1))
-    logits = [l.copy() for l in ref.logits]
+    logits = [row.copy() for row in ref.logits]
     logits[2][10] = -logits[2][10]  # position 10 of prompt 3 now prefers another token
     metrics = compare(ref, logits, ref.passage_logits)
     assert metrics["greedy_tokens"] == ["64/64", "64/64", "10/64", "64/64"]

@@ -76,7 +76,7 @@ def _nll(logits: np.ndarray, targets: list[int]) -> float:
 def compare(ref: ReferenceTrace, logits: list[np.ndarray], passage_logits: np.ndarray) -> dict:
     """Metrics of an artifact's teacher-forced logits against the reference trace."""
     kls, top1, max_abs, matched, full = [], [], 0.0, [], 0
-    for answer, want, got in zip(ref.answers, ref.logits, logits):
+    for answer, want, got in zip(ref.answers, ref.logits, logits, strict=True):
         max_abs = max(max_abs, float(np.abs(want - got).max()))
         p_log, q_log = _log_softmax(want), _log_softmax(got)
         kls.append((np.exp(p_log) * (p_log - q_log)).sum(axis=-1))
@@ -93,7 +93,7 @@ def compare(ref: ReferenceTrace, logits: list[np.ndarray], passage_logits: np.nd
         "kl": float(np.concatenate(kls).mean()),
         "top1": float(np.concatenate(top1).mean()),
         "greedy": full / len(ref.answers),
-        "greedy_tokens": [f"{m}/{len(a)}" for m, a in zip(matched, ref.answers)],
+        "greedy_tokens": [f"{m}/{len(a)}" for m, a in zip(matched, ref.answers, strict=True)],
         "ppl_ratio": ppl_ratio,
         "positions": int(sum(len(a) for a in ref.answers)),
     }
@@ -101,7 +101,7 @@ def compare(ref: ReferenceTrace, logits: list[np.ndarray], passage_logits: np.nd
 
 def measure(runner: Runner, ref: ReferenceTrace) -> dict:
     """Run an artifact over the reference's prompts and answers and compare."""
-    logits = [teacher_forced(runner, p, a) for p, a in zip(ref.prompts, ref.answers)]
+    logits = [teacher_forced(runner, p, a) for p, a in zip(ref.prompts, ref.answers, strict=True)]
     passage = teacher_forced(runner, ref.passage[:1], ref.passage[1:])
     return compare(ref, logits, passage)
 
