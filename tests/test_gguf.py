@@ -164,3 +164,24 @@ def test_default_model_every_cpu_variant_exports_and_validates(default_source, t
     reply = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                        temperature=0, max_tokens=32)
     assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+def test_a_killed_export_leaves_no_manifest_and_no_complete_looking_folder(default_source, tmp_path):
+    import os
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "edgepack", "export", "--target", "cpu", "--variant", "F16", "Q8_0",
+                             "Q4_K_M", "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    model = tmp_path / default_source.slug
+    deadline = time.monotonic() + 300
+    while not list(model.glob(".cpu.tmp-*/*.gguf")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the export finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (model / "cpu").exists()
+    assert not list(model.rglob("manifest.json"))
+    again = subprocess.run([sys.executable, "-m", "edgepack", "export", "--target", "cpu", "--variant", "Q4_0",
+                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in model.iterdir()) == ["cpu"]  # the leftover was swept

@@ -274,7 +274,7 @@ class GGUFExporter(Exporter):
         if exported.is_file():
             return exported
         if self._base is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix=".gguf-base-", dir=out.parent))
+            self._tmp = Path(tempfile.mkdtemp(prefix="edgepack-gguf-base-"))
             self._base = self._tmp / "base-F16.gguf"
             write_base_gguf(source, self._base, "F16")
         return self._base
