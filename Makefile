@@ -37,7 +37,7 @@ $(STAMP): pyproject.toml
 
 $(TOOLS)/bin/llama-quantize: | $(STAMP)
 	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/src $(TOOLS)/bin
-	$(BIN)/pip download --no-deps --no-binary :all: -d $(TOOLS)/src \
+	$(BIN)/pip download --no-deps --no-binary llama-cpp-python -d $(TOOLS)/src \
 	  "llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
 	tar xzf $(TOOLS)/src/*.tar.gz -C $(TOOLS)/src
 	cmake -S $(TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp -B $(TOOLS)/build -DCMAKE_BUILD_TYPE=Release \

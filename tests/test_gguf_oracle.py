@@ -29,7 +29,7 @@ def convert_script() -> Path:
     script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
     if not script.is_file():
         with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", tmp,
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-d", tmp,
                             f"llama-cpp-python=={version}"], check=True, capture_output=True, timeout=600)
             (sdist,) = Path(tmp).glob("*.tar.gz")
             wanted = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
