@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack.errors import EdgepackError
@@ -160,10 +161,11 @@ def cmd_bench(args) -> int:
         artifacts.append(anchor_artifact())
     bandwidth = memory_read_bandwidth()
     console.print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    run_id = datetime.now(timezone.utc).isoformat(timespec="seconds")  # ratios only within one run
     results = {}
     for artifact in artifacts:
         with console.status(f"benchmarking {artifact.key}…"):
-            result = bench_artifact(artifact, bandwidth)
+            result = {**bench_artifact(artifact, bandwidth), "run": run_id}
         update_report(folder, source.slug, artifact, "bench", result, bandwidth_gbs=round(bandwidth / 1e9, 2))
         results[artifact.key] = result
         if not args.json:

@@ -83,7 +83,7 @@ def _bench_in_this_process(artifact: Artifact, new_tokens: int, runs: int) -> di
     }
 
 
-def bench_artifact(artifact: Artifact, bandwidth: float, new_tokens: int = 32, runs: int = 5) -> dict:
+def bench_artifact(artifact: Artifact, bandwidth: float, new_tokens: int = 64, runs: int = 5) -> dict:
     """Benchmark one artifact in a fresh process (so peak RSS is its own) and add its roofline ratio."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         result = pool.submit(_bench_in_this_process, artifact, new_tokens, runs).result()

@@ -73,14 +73,15 @@ def _gguf_table(report: dict) -> tuple[list[list[str]], str]:
     rows = {r["variant"]: r for r in report["rows"].values() if r["format"] == "gguf" and r["target"] == "cpu"}
     if not rows:
         return [], ""
-    anchor = next((r for r in report["rows"].values() if r["target"] == "anchor"), None)
-    anchor_rate = (anchor or {}).get("bench", {}).get("decode_tok_s")
+    anchor = next((r for r in report["rows"].values() if r["target"] == "anchor"), {}).get("bench", {})
+    anchor_rate = anchor.get("decode_tok_s")
     f16 = rows.get("F16", {}).get("bytes")
     table = []
     for variant, row in rows.items():
         quoted, thumb = GGUF_QUOTED.get(variant, ("—", None))
         rss = row.get("bench", {}).get("peak_rss_bytes")
-        rate = row.get("bench", {}).get("decode_tok_s")
+        same_run = row.get("bench", {}).get("run") == anchor.get("run")
+        rate = row.get("bench", {}).get("decode_tok_s") if same_run else None  # ratios only within one run
         table.append([
             variant, _size(row["bytes"]), f"{100 * (1 - row['bytes'] / f16):.0f} %" if f16 else "—", quoted,
             _size(rss) if rss else "—", f"{rss / row['bytes']:.2f}×" if rss else "—", f"{thumb}×" if thumb else "—",
