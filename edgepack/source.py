@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgepack.artifacts import sha256_file
 from edgepack.errors import EdgepackError
 from edgepack.model.families import Family, family_for
 
@@ -77,14 +78,6 @@ def _slugify(name: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-.") or "model"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def weights_sha256(folder: Path) -> str:
     """sha256 over the folder's safetensors files, memoized by path, size and mtime (models are large)."""
     memo_file = cache_root() / "hashes.json"
@@ -97,7 +90,7 @@ def weights_sha256(folder: Path) -> str:
         st = file.stat()
         key = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in memo:
-            memo[key] = _file_sha256(file)
+            memo[key] = sha256_file(file)
         combined.update(memo[key].encode())
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +224,7 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
     """Dequantize a GGUF into a cached Hugging Face folder, keyed by the file's sha256; reuse it afterwards."""
     if not path.is_file():
         raise EdgepackError(f"--model {path}: no such file; pass a Hugging Face model folder or a .gguf")
-    digest = _file_sha256(path)
+    digest = sha256_file(path)
     folder = cache_root() / "models" / f"{slug}-{digest[:12]}"
     try:
         if json.loads((folder / _MARKER).read_text())["version"] == _MATERIALIZE_VERSION:

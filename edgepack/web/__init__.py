@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 from flask import Flask, abort, jsonify, send_file
 
 from edgepack.artifacts import read_manifest
+from edgepack.runtime.report import load_report
 
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
         ".html": "text/html", ".md": "text/markdown"}  # everything else (model files) is application/octet-stream
@@ -31,8 +31,7 @@ def safe_file(root: Path, sub: str) -> Path | None:
 def _models(dist: Path) -> list[dict]:
     models = []
     for folder in sorted(p for p in dist.iterdir() if p.is_dir() and not p.name.startswith(".")) if dist.is_dir() else []:
-        report_file = folder / "report.json"
-        rows = json.loads(report_file.read_text()).get("rows", {}) if report_file.is_file() else {}
+        rows = load_report(folder)["rows"]
         targets = []
         for target_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             manifest = read_manifest(target_dir)
