@@ -124,8 +124,7 @@ def cmd_validate(args) -> int:
         ref = trace_reference(open_runner(source_artifact(source)))
     results, failed = [], []
     for artifact in artifacts:
-        spec = targets.format_spec(artifact.format)
-        thresholds = spec.thresholds.get(artifact.variant, {}) if spec else {}
+        thresholds = targets.thresholds(artifact.format, artifact.variant)
         with console.status(f"validating {artifact.key}…"):
             result = validate_artifact(artifact, thresholds, ref)
         update_report(folder, source.slug, artifact, "parity", result)

@@ -52,26 +52,15 @@ class Source:
             data["chat_template"] = jinja.read_text(encoding="utf-8")
         return data
 
-    def eos_token_ids(self) -> list[int]:
-        gen = self.path / "generation_config.json"
-        eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-        eos = eos if eos is not None else self.config.get("eos_token_id")
-        return sorted({eos} if isinstance(eos, int) else set(eos or []))
-
-    def copy_model_files(self, dest: Path) -> list[Path]:
+    def copy_model_files(self, dest: Path) -> None:
         """Write config, generation config and tokenizer files (chat template inlined) into dest."""
         dest.mkdir(parents=True, exist_ok=True)
-        written = []
         for name in MODEL_FILES:
-            target = dest / name
             if name == "tokenizer_config.json":
-                target.write_text(json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False), encoding="utf-8")
+                (dest / name).write_text(json.dumps(self.tokenizer_config(), indent=2, ensure_ascii=False),
+                                         encoding="utf-8")
             elif (self.path / name).is_file():
-                shutil.copyfile(self.path / name, target)
-            else:
-                continue
-            written.append(target)
-        return written
+                shutil.copyfile(self.path / name, dest / name)
 
 
 def _slugify(name: str) -> str:

@@ -77,11 +77,12 @@ class Targets:
                 )
         return [self.targets[n] for n in self.targets if n in names]
 
-    def format_spec(self, fmt: str) -> FormatSpec | None:
+    def thresholds(self, fmt: str, variant: str) -> dict[str, float]:
+        """The checks a variant of a format is held to ({} when the file sets none)."""
         for target in self.targets.values():
             if fmt in target.formats:
-                return target.formats[fmt]
-        return None
+                return target.formats[fmt].thresholds.get(variant, {})
+        return {}
 
 
 def _fail(path: Path, key: str, problem: str, valid) -> EdgepackError:

@@ -10,18 +10,17 @@ from edgepack.artifacts import MANIFEST, model_dir, read_manifest, sha256_file, 
 from edgepack.errors import EdgepackError
 from edgepack.source import Source
 
-PLATFORM_TARGET = {"ios": "ios", "android": "android"}
 BUNDLE_MANIFEST = "bundle-manifest.json"
 
 
 def build_bundle(platform: str, source: Source, dist: Path) -> Path:
     """dist/<slug>/bundles/<platform>/ and <platform>.zip from the exported target folder."""
     folder = model_dir(dist, source.slug)
-    target_dir = folder / PLATFORM_TARGET[platform]
+    target_dir = folder / platform  # the platform is the target's name
     manifest = read_manifest(target_dir)
     if manifest is None:
         raise EdgepackError(f"no {platform} artifacts under {target_dir}; run edgepack export --target "
-                            f"{PLATFORM_TARGET[platform]} first (see edgepack doctor for what is available)")
+                            f"{platform} first (see edgepack doctor for what is available)")
     out = folder / "bundles" / platform
     tmp = out.with_name(f".{platform}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -87,8 +87,7 @@ def pytest_collection_modifyitems(session, config, items):
     if not folder.is_dir():
         raise pytest.UsageError(f"--edgepack-dist {dist}: no such folder")
     for artifact in artifacts_in(folder):
-        spec = targets.format_spec(artifact.format)
-        thresholds = spec.thresholds.get(artifact.variant, {}) if spec else {}
+        thresholds = targets.thresholds(artifact.format, artifact.variant)
         for check in thresholds:
             items.append(ParityCheck.from_parent(session, name=f"{artifact.key}[{check}]", artifact=artifact,
                                                  check=check, thresholds=thresholds, shared=shared))
