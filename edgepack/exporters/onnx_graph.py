@@ -1,0 +1,188 @@
+"""A fused ONNX decoder graph written directly from the reference decoder's weights.
+
+Written by hand on purpose (the comment the brief asks for): onnxruntime-genai's model builder writes this kind
+of graph, but 0.18 imports transformers 5.x classes while this environment pins transformers 4.57.6
+(optimum-onnx 0.1.0 and coremltools need it); optimum's exporter writes an unfused graph (2 min to export,
+~8x slower to decode here) that onnxruntime's transformer optimizer does not fuse for Llama's rotary attention.
+The graph below is what the builder emits for a CPU/WebGPU decoder, in ~150 lines:
+
+    Gather(embedding) → per layer: [Skip]SimplifiedLayerNormalization → MatMul(packed QKV) [+ bias]
+    [→ per-head q/k RMSNorm] → GroupQueryAttention(rotary inside, causal, KV cache in/out) → MatMul(o)
+    → SkipSimplifiedLayerNormalization → MatMul(gate), MatMul(up) → x·sigmoid(x)·up → MatMul(down)
+    → final SkipSimplifiedLayerNormalization → MatMul(lm_head) → logits (float32)
+
+Interface (what transformers.js and onnxruntime-genai feed a decoder): inputs input_ids [batch, seq] int64,
+attention_mask [batch, past + seq] int64, position_ids [batch, seq] int64, past_key_values.{i}.key/value
+[batch, kv_heads, past, head_dim]; outputs logits [batch, seq, vocab] and present.{i}.key/value. Rotary
+positions are position_ids (GroupQueryAttention's own input); the cache's dtype is the graph's float type.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgepack.model.decoder import Decoder
+
+OPSET = 21
+MS = "com.microsoft"
+
+
+class _Graph:
+    """Collects nodes and initializers with unique names."""
+
+    def __init__(self, float_type: np.dtype):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.float = np.dtype(float_type)
+        self.elem = helper.np_dtype_to_tensor_dtype(self.float)
+
+    def weight(self, name: str, array: np.ndarray, keep_dtype: bool = False) -> str:
+        array = np.ascontiguousarray(array if keep_dtype else array.astype(self.float))
+        self.inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, name: str = "", domain: str = "",
+             **attrs) -> list[str]:
+        name = name or f"{op}_{len(self.nodes)}"
+        if isinstance(outputs, int):
+            outputs = [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        return outputs
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().numpy()
+
+
+def rotary_caches(model: Decoder, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [positions, head_dim/2] from the decoder's own inverse frequencies (Llama 3 scaling included)."""
+    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), model.inv_freq.float())
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bool = False,
+                        embed_fp16: bool = False) -> onnx.ModelProto:
+    """The fused decoder graph for a loaded reference decoder. untie_lm_head stores lm_head as its own
+    [hidden, vocab] weight (what a weight quantizer needs); otherwise a tied head reads the embedding transposed.
+    embed_fp16 stores the embedding table in fp16 and casts the gathered rows (half the bytes; a token reads
+    one row, so speed does not change)."""
+    cfg = model.cfg
+    g = _Graph(float_type)
+    kvh, heads, dim = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
+    past_dims = ["batch_size", kvh, "past_sequence_length", dim]
+    present_dims = ["batch_size", kvh, "total_sequence_length", dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", g.elem, past_dims))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", g.elem, present_dims))
+
+    # What GroupQueryAttention needs from the mask: each row's real length - 1, and the total length.
+    g.weight("one_i64", np.array([1], dtype=np.int64), keep_dtype=True)
+    g.weight("axis1", np.array([1], dtype=np.int64), keep_dtype=True)
+    (mask_sum,) = g.node("ReduceSum", ["attention_mask", "axis1"], keepdims=0, name="mask_sum")
+    (lengths,) = g.node("Sub", [mask_sum, "one_i64"], name="mask_len_minus_1")
+    (seqlens_k,) = g.node("Cast", [lengths], to=TensorProto.INT32, name="seqlens_k")
+    (mask_shape,) = g.node("Shape", ["attention_mask"], name="mask_shape", start=1, end=2)
+    (total_1d,) = g.node("Cast", [mask_shape], to=TensorProto.INT32, name="total_len_1d")
+    g.weight("scalar_shape", np.array([], dtype=np.int64), keep_dtype=True)
+    (total_len,) = g.node("Reshape", [total_1d, "scalar_shape"], name="total_sequence_length")
+
+    cos, sin = rotary_caches(model, cfg.context_length)
+    g.weight("cos_cache", cos)
+    g.weight("sin_cache", sin)
+
+    embed = _np(model.embed.weight)
+    if embed_fp16 and g.float != np.float16:
+        table = g.weight("model.embed_tokens.weight", embed.astype(np.float16), keep_dtype=True)
+        (x,) = g.node("Gather", [table, "input_ids"], name="embed")
+        (x,) = g.node("Cast", [x], to=g.elem, name="embed/Cast")
+    else:
+        (x,) = g.node("Gather", [g.weight("model.embed_tokens.weight", embed), "input_ids"], name="embed")
+    eps = cfg.rms_norm_eps
+    residual = None
+    hidden = x
+
+    def norm(h, res, weight, name):
+        """RMSNorm of h (+ res when given); returns (normed, new residual)."""
+        w = g.weight(name + ".weight", _np(weight))
+        if res is None:
+            (out,) = g.node("SimplifiedLayerNormalization", [h, w], name=name, axis=-1, epsilon=eps, stash_type=1)
+            return out, h
+        out, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [h, res, w], 4, name=name, domain=MS,
+                                   epsilon=eps)
+        return out, summed
+
+    def linear(h, weight, name, bias=None):
+        (out,) = g.node("MatMul", [h, g.weight(name + ".weight", _np(weight).T)], name=name + "/MatMul")
+        if bias is not None:
+            (out,) = g.node("Add", [out, g.weight(name + ".bias", _np(bias))], name=name + "/Add")
+        return out
+
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}"
+        normed, residual = norm(hidden, residual, layer.attn_norm.weight, f"{p}.input_layernorm")
+        attn = layer.attn
+        qkv_w = torch.cat([attn.q.weight, attn.k.weight, attn.v.weight], 0)
+        qkv_b = torch.cat([attn.q.bias, attn.k.bias, attn.v.bias]) if cfg.qkv_bias else None
+        qkv = linear(normed, qkv_w, f"{p}.self_attn.qkv_proj", qkv_b)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head of q and k, before the rotary embedding
+            g.weight(f"{p}.split", np.array([heads * dim, kvh * dim, kvh * dim], dtype=np.int64), keep_dtype=True)
+            q, k, v = g.node("Split", [qkv, f"{p}.split"], 3, name=f"{p}.self_attn.split_qkv", axis=-1)
+            g.weight(f"{p}.q_heads", np.array([0, 0, heads, dim], dtype=np.int64), keep_dtype=True)
+            g.weight(f"{p}.kv_heads", np.array([0, 0, kvh, dim], dtype=np.int64), keep_dtype=True)
+            g.weight(f"{p}.q_flat", np.array([0, 0, heads * dim], dtype=np.int64), keep_dtype=True)
+            g.weight(f"{p}.kv_flat", np.array([0, 0, kvh * dim], dtype=np.int64), keep_dtype=True)
+            normed_qk = []
+            for t, n, module in ((q, "q", attn.q_norm), (k, "k", attn.k_norm)):
+                shape, flat = (f"{p}.q_heads", f"{p}.q_flat") if n == "q" else (f"{p}.kv_heads", f"{p}.kv_flat")
+                (t,) = g.node("Reshape", [t, shape], name=f"{p}.self_attn.{n}_to_heads")
+                w = g.weight(f"{p}.self_attn.{n}_norm.weight", _np(module.weight))
+                (t,) = g.node("SimplifiedLayerNormalization", [t, w], name=f"{p}.self_attn.{n}_norm", axis=-1,
+                              epsilon=eps, stash_type=1)
+                (t,) = g.node("Reshape", [t, flat], name=f"{p}.self_attn.{n}_from_heads")
+                normed_qk.append(t)
+            qkv_inputs = [*normed_qk, v]
+        else:
+            qkv_inputs = [qkv, "", ""]  # packed: GroupQueryAttention splits q, k and v itself
+        attn_out, _, _ = g.node(
+            "GroupQueryAttention",
+            [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+             "cos_cache", "sin_cache", "position_ids"],
+            [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"],
+            name=f"{p}.self_attn.GroupQueryAttention", domain=MS,
+            num_heads=heads, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(dim) ** -0.5,
+        )
+        hidden = linear(attn_out, attn.o.weight, f"{p}.self_attn.o_proj")
+        normed, residual = norm(hidden, residual, layer.mlp_norm.weight, f"{p}.post_attention_layernorm")
+        mlp = layer.mlp
+        gate = linear(normed, mlp.gate.weight, f"{p}.mlp.gate_proj")
+        up = linear(normed, mlp.up.weight, f"{p}.mlp.up_proj")
+        (sig,) = g.node("Sigmoid", [gate], name=f"{p}.mlp.act/Sigmoid")
+        (act,) = g.node("Mul", [gate, sig], name=f"{p}.mlp.act/Mul")
+        (prod,) = g.node("Mul", [act, up], name=f"{p}.mlp.Mul")
+        hidden = linear(prod, mlp.down.weight, f"{p}.mlp.down_proj")
+
+    normed, _ = norm(hidden, residual, model.norm.weight, "model.norm")
+    if cfg.tie_word_embeddings and not untie_lm_head:
+        (head_t,) = g.node("Transpose", ["model.embed_tokens.weight"], name="lm_head/Transpose", perm=[1, 0])
+        (logits,) = g.node("MatMul", [normed, head_t], name="lm_head/MatMul")
+    else:
+        logits = linear(normed, model.lm_head.weight, "lm_head")
+    if g.float != np.float32:
+        (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT, name="logits/Cast")
+    g.nodes[-1].output[0] = "logits"
+
+    graph = helper.make_graph(g.nodes, "edgepack-decoder", inputs, outputs, g.inits)
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                    producer_name="edgepack")
+    model_proto.ir_version = 10
+    return model_proto
