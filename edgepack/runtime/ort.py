@@ -105,3 +105,19 @@ class OnnxRuntimeRunner(Runner):
 
     def decode(self, token: int) -> np.ndarray:
         return self._step([int(token)])
+
+    def weight_bytes(self) -> int:
+        """Bytes read per decoded token: the file less an embedding table only a Gather reads (one row a token)."""
+        import onnx
+
+        path = self.artifact.files[0]
+        if path.suffix != ".onnx":  # an .ort file: no ONNX protobuf to read; count the whole file
+            return self.artifact.bytes
+        model = onnx.load(str(path), load_external_data=False)
+        readers: dict[str, set[str]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(node.op_type)
+        gathered = sum(len(t.raw_data) for t in model.graph.initializer if readers.get(t.name) == {"Gather"}
+                       and len(t.dims) == 2 and t.dims[0] > 1024)
+        return self.artifact.bytes - gathered
