@@ -10,6 +10,12 @@ from flask import Flask, abort, jsonify, send_file
 from edgepack.artifacts import read_manifest
 from edgepack.runtime.report import load_report
 
+WEB = Path(__file__).resolve().parent
+STATIC = WEB / "static"
+NODE_MODULES = WEB / "node_modules"  # npm ci --ignore-scripts in edgepack/web (make install does it)
+# The only npm folders the page may load from: the packages' browser builds, nothing else of node_modules.
+VENDOR = ("@huggingface/transformers/dist/", "@huggingface/transformers/node_modules/onnxruntime-web/dist/",
+          "onnxruntime-web/dist/", "@wllama/wllama/esm/")
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
         ".html": "text/html", ".md": "text/markdown"}  # everything else (model files) is application/octet-stream
 
@@ -49,8 +55,17 @@ def _models(dist: Path) -> list[dict]:
     return models
 
 
+def _send(path: Path | None):
+    """A file with its MIME type, Range support, ETag and Last-Modified; 404 for None."""
+    if path is None:
+        abort(404)
+    mimetype = MIME.get(path.suffix, "application/octet-stream")
+    return send_file(path, mimetype=mimetype, conditional=True, etag=True, last_modified=path.stat().st_mtime)
+
+
 def create_app(dist: str | Path = "dist") -> Flask:
-    """The app: / (index), /api/models (JSON), /models/<slug>/<path> (artifacts, with Range and ETag)."""
+    """The app: / (index), /api/models (JSON), /models/<slug>/<path> (artifacts, with Range and ETag),
+    /static/<path> (the page) and /vendor/<path> (its npm packages' browser builds)."""
     dist = Path(dist)
     app = Flask(__name__, static_folder=None)
     app.url_map.merge_slashes = False  # "//etc/passwd" is a 404, not a redirect
@@ -80,11 +95,15 @@ def create_app(dist: str | Path = "dist") -> Flask:
 
     @app.get("/models/<path:sub>")
     def artifact(sub: str):
-        path = safe_file(dist, sub)
-        if path is None:
-            abort(404)
-        mimetype = MIME.get(path.suffix, "application/octet-stream")
-        return send_file(path, mimetype=mimetype, conditional=True, etag=True, last_modified=path.stat().st_mtime)
+        return _send(safe_file(dist, sub))
+
+    @app.get("/static/<path:sub>")
+    def static_file(sub: str):
+        return _send(safe_file(STATIC, sub))
+
+    @app.get("/vendor/<path:sub>")
+    def vendor(sub: str):
+        return _send(safe_file(NODE_MODULES, sub) if sub.startswith(VENDOR) else None)
 
     @app.errorhandler(404)
     def not_found(_):
