@@ -55,3 +55,23 @@ def test_artifacts_support_ranges_and_conditional_requests(client):
     assert part.status_code == 206 and part.data == bytes(range(10, 20))
     cached = client.get("/models/tiny/cpu/model-F16.gguf", headers={"If-None-Match": full.headers["ETag"]})
     assert cached.status_code == 304
+
+
+@pytest.mark.parametrize("path", [
+    "/vendor/onnxruntime-node/package.json", "/vendor/onnxruntime-web/package.json",
+    "/vendor/onnxruntime-web/dist/../package.json", "/vendor/onnxruntime-web/dist/%2e%2e/package.json",
+    "/vendor/onnxruntime-web/dist/", "/static/../__init__.py", "/static/%2e%2e/__init__.py",
+])
+def test_only_the_pages_own_files_and_the_packages_browser_builds_are_served(client, path):
+    assert client.get(path).status_code == 404
+
+
+@pytest.mark.skipif(not (os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "edgepack", "web", "node_modules",
+                                                    "onnxruntime-web"))), reason="npm ci in edgepack/web first")
+def test_the_browser_builds_are_served_with_their_types(client):
+    wasm = client.get("/vendor/onnxruntime-web/dist/ort-wasm-simd-threaded.wasm")
+    assert wasm.status_code == 200 and wasm.mimetype == "application/wasm"
+    module = client.get("/vendor/onnxruntime-web/dist/ort.wasm.min.mjs")
+    assert module.status_code == 200 and module.mimetype == "text/javascript"
+    page = client.get("/static/transformersjs-check.html")
+    assert page.status_code == 200 and page.headers["Cross-Origin-Embedder-Policy"] == "require-corp"

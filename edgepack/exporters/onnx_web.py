@@ -182,7 +182,7 @@ class OnnxWebExporter(Exporter):
 
     @classmethod
     def notes(cls) -> str:
-        return "fused GroupQueryAttention graph; q4 = MatMulNBits block 32"
+        return "fused GroupQueryAttention graph; q4 = HQQ 4-bit blocks of 32 on MatMulNBits int8 kernels"
 
     def __init__(self):
         self._model = None
