@@ -135,6 +135,9 @@ def cmd_validate(args) -> int:
             verdict = "[red]FAIL[/red]" if misses else ("[green]pass[/green]" if thresholds else "no thresholds")
             console.print(f"{artifact.key}: KL {m['kl']:.4g}, top-1 {m['top1']:.3f}, max|Δ| {m['max_abs_logit']:.3g}, "
                           f"greedy {' '.join(m['greedy_tokens'])}, ppl ratio {m['ppl_ratio']:.4f} → {verdict}")
+            if "baseline" in result:
+                b = result["baseline"]
+                console.print(f"  its plain build (baseline/): KL {b['kl']:.4g}, top-1 {b['top1']:.3f}")
     if args.json:
         print(json.dumps(results, indent=2))
     for line in failed:
