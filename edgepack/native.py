@@ -1,4 +1,4 @@
-"""Living with native libraries (llama.cpp): whether they are installed, and quieting their logging."""
+"""Living with native libraries (llama.cpp, onnxruntime): whether they are installed, and quieting their logging."""
 
 from __future__ import annotations
 
@@ -21,10 +21,16 @@ def quiet_stderr():
             os.close(saved)
 
 
+def modules_missing(*modules: str) -> str | None:
+    """Why one of these Python modules cannot be imported here, or None (exporters and runners share this)."""
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (make install, or pip install -e .)"
+    return None
+
+
 def llama_cpp_missing() -> str | None:
     """Why llama-cpp-python cannot be used here, or None (the cpu exporter and runner both need it)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return "llama-cpp-python is not installed (pip install llama-cpp-python)"
-    return None
+    return modules_missing("llama_cpp")

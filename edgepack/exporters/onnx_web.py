@@ -24,6 +24,7 @@ import numpy as np
 from edgepack.artifacts import BASELINE_DIR
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
+from edgepack.native import modules_missing
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
 
@@ -34,15 +35,6 @@ FILE_NAMES = {  # transformers.js dtype -> file name under onnx/
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; protobuf cannot serialize a message of 2 GiB or more
 BLOCK = 32
 LM_HEAD = "lm_head/MatMul"  # the node name onnx_graph gives an untied head
-
-
-def onnx_missing() -> str | None:
-    for module in ("onnx", "onnxruntime", "onnx_ir"):
-        try:
-            __import__(module)
-        except ImportError:
-            return f"{module} is not installed (pip install -e . installs it)"
-    return None
 
 
 def save_model(proto, path: Path) -> list[Path]:
@@ -141,7 +133,7 @@ def split_float_zero_points(proto, float_type) -> None:
         graph.initializer.append(numpy_helper.from_array(residual, name + "/zero_residual"))
         r = name + "/zero_residual"
         if elem != TensorProto.FLOAT16:
-            (r,) = [name + "/zero_residual_cast"]
+            r = name + "/zero_residual_cast"
             nodes.append(helper.make_node("Cast", [name + "/zero_residual"], [r], to=elem, name=r))
         nodes.append(helper.make_node("MatMul", [block_sums[x], r], [out + "/residual"], name=name + "/residual"))
         nodes.append(helper.make_node("Add", [out + "/integer_zero_points", out + "/residual"], [out], name=name + "/add"))
@@ -178,7 +170,7 @@ class OnnxWebExporter(Exporter):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return onnx_missing()
+        return modules_missing("onnx", "onnxruntime", "onnx_ir")
 
     @classmethod
     def notes(cls) -> str:

@@ -13,17 +13,10 @@ import numpy as np
 
 from edgepack.artifacts import Artifact, read_manifest
 from edgepack.errors import EdgepackError
+from edgepack.native import modules_missing
 from edgepack.runtime.base import Runner, register
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def ort_missing() -> str | None:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return "onnxruntime is not installed (pip install onnxruntime)"
-    return None
 
 
 def open_session(path, threads: int | None = None):
@@ -49,7 +42,7 @@ class OnnxRuntimeRunner(Runner):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return ort_missing()
+        return modules_missing("onnxruntime")
 
     def _load_model(self, artifact: Artifact) -> None:
         self.session = open_session(artifact.files[0])
