@@ -9,6 +9,9 @@ WEB     := edgepack/web
 # package compiled (it vendors the full llama.cpp source): the cpu target's importance-matrix quantization
 # needs them, because the quantize parameters' imatrix is a C++ map that ctypes cannot build.
 TOOLS   := $(VENV)/llama.cpp
+# tflite-runtime 2.14, the older TFLite package apps still name, in its own NumPy-1 environment (it fails to import
+# beside NumPy 2): validate reports whether each .tflite loads and runs there.
+LEGACY  := $(VENV)/tflite-runtime
 
 .PHONY: demo test install install-test clean
 
@@ -22,7 +25,7 @@ demo: install
 test: install-test
 	$(BIN)/pytest
 
-install: $(STAMP) $(TOOLS)/bin/llama-quantize $(WEB)/node_modules/.package-lock.json
+install: $(STAMP) $(TOOLS)/bin/llama-quantize $(WEB)/node_modules/.package-lock.json $(LEGACY)/bin/tflite-ok
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +53,11 @@ $(TOOLS)/bin/llama-quantize: | $(STAMP)
 	cmake --build $(TOOLS)/build --target llama-imatrix llama-quantize -j$$(nproc)
 	cp $(TOOLS)/build/bin/llama-imatrix $(TOOLS)/build/bin/llama-quantize $(TOOLS)/bin/
 	rm -rf $(TOOLS)/src $(TOOLS)/build
+
+$(LEGACY)/bin/tflite-ok: | $(STAMP)
+	rm -rf $(LEGACY) && $(PYTHON) -m venv $(LEGACY)
+	$(LEGACY)/bin/pip install "numpy<2" tflite-runtime==2.14.0
+	$(LEGACY)/bin/python -c "import tflite_runtime.interpreter" && touch $@
 
 install-test: install
 	# Debian's chromium, for the in-browser tests, when missing

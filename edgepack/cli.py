@@ -138,6 +138,8 @@ def cmd_validate(args) -> int:
             if "baseline" in result:
                 b = result["baseline"]
                 console.print(f"  its plain build (baseline/): KL {b['kl']:.4g}, top-1 {b['top1']:.3f}")
+            for runtime, verdict in result.get("compatibility", {}).items():
+                console.print(f"  {runtime}: {verdict}")
     if args.json:
         print(json.dumps(results, indent=2))
     for line in failed:

@@ -11,7 +11,6 @@ from edgepack.targets import FORMATS, Targets
 
 # What a user should know about a format beyond "it works" (platform limits that are not bugs).
 NOTES = {
-    "coreml": "Core ML prediction needs macOS",
     "onnx": "in-browser tests need Debian's chromium",
 }
 
@@ -36,11 +35,12 @@ def diagnose(targets: Targets) -> list[dict]:
                  "runner": _state(RUNNERS["transformers"]), "notes": default})
     for fmt, facts in FORMATS.items():
         exporter = EXPORTERS.get(fmt)
-        notes = [NOTES.get(fmt, ""), exporter.notes() if exporter else ""]
+        runner = RUNNERS.get(fmt)
+        notes = [NOTES.get(fmt, ""), exporter.notes() if exporter else "", runner.notes() if runner else ""]
         if fmt not in listed:
             notes.insert(0, "not in targets file")
         if fmt == "onnx" and not shutil.which("chromium"):
             notes.append("(chromium not installed)")
         rows.append({"target": facts["target"], "format": fmt, "exporter": _state(exporter),
-                     "runner": _state(RUNNERS.get(fmt)), "notes": "; ".join(n for n in notes if n)})
+                     "runner": _state(runner), "notes": "; ".join(n for n in notes if n)})
     return rows

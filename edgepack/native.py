@@ -23,10 +23,10 @@ def quiet_stderr():
 
 def modules_missing(*modules: str) -> str | None:
     """Why one of these Python modules cannot be imported here, or None (exporters and runners share this)."""
-    for module in modules:
-        try:
-            __import__(module)
-        except ImportError:
+    import importlib.util
+
+    for module in modules:  # find_spec, not import: some of these print warnings and take seconds to import
+        if importlib.util.find_spec(module) is None:
             return f"{module} is not installed (make install, or pip install -e .)"
     return None
 

@@ -87,3 +87,17 @@ def default_source():
     from edgepack.source import resolve
 
     return resolve(None)
+
+
+@pytest.fixture(scope="session")
+def default_dist(default_source, tmp_path_factory) -> Path:
+    """The default model's web and android targets, exported once through the CLI (test_onnx, test_tflite)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("dist")
+    for target in ("web", "android"):
+        exported = subprocess.run([sys.executable, "-m", "edgepack", "export", "--target", target, "--out", str(out)],
+                                  capture_output=True, text=True, timeout=1200)
+        assert exported.returncode == 0, exported.stderr
+    return out

@@ -71,6 +71,6 @@ def test_a_bundle_verifies_and_reports_tampering(tmp_path, tiny_llama):
     archive = build_bundle("android", source, tmp_path)
     bundle = tmp_path / source.slug / "bundles" / "android"
     assert archive.is_file() and verify_bundle(bundle) == []
-    (bundle / "model_int8.tflite").write_bytes(b"\x01" * 64)
+    (bundle / "src/main/assets/model_int8.tflite").write_bytes(b"\x01" * 64)
     (bundle / "extra.txt").write_text("x")
-    assert verify_bundle(bundle) == ["sha256 mismatch: model_int8.tflite", "not in manifest: extra.txt"]
+    assert verify_bundle(bundle) == ["sha256 mismatch: src/main/assets/model_int8.tflite", "not in manifest: extra.txt"]

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 from urllib.parse import urlencode
 
-import numpy as np
 import pytest
 
 from edgepack.artifacts import Artifact, artifacts_in
@@ -108,16 +107,7 @@ def test_an_unsupported_architecture_writes_nothing(tiny_models, tmp_path):
     assert not (tmp_path / "dist").exists() or not list((tmp_path / "dist").rglob("*.onnx"))
 
 
-# --- the default model ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def default_dist(default_source, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    for target in ("web", "android"):
-        exported = cli("export", "--target", target, out=out)
-        assert exported.returncode == 0, exported.stderr
-    return out
-
-
+# --- the default model (default_dist: web + android exported once, in conftest.py) -----------------------------------
 def test_default_model_web_and_onnx_mobile_validate(default_source, default_dist):
     folder = default_dist / default_source.slug
     assert (folder / "android" / "ort" / "model_q4.ort").is_file()
@@ -126,7 +116,7 @@ def test_default_model_web_and_onnx_mobile_validate(default_source, default_dist
     assert validated.returncode == 0, validated.stdout + validated.stderr
     results = {r["key"]: r for r in json.loads(validated.stdout)}
     assert results["web/onnx/fp32"]["metrics"]["greedy"] == 1.0
-    for key in ("web/onnx/q4", "web/onnx/q4f16", "android/onnx-mobile/q4"):
+    for key in ("web/onnx/q4", "web/onnx/q4f16", "android/onnx-mobile/q4", "android/tflite/int4"):
         ours = results[key]["metrics"]
         plain = results[key].get("baseline") or results["web/onnx/q4"]["baseline"]
         assert ours["kl"] < plain["kl"] and ours["top1"] >= plain["top1"], (key, ours, plain)  # never worse than RTN

@@ -1,33 +1,96 @@
-"""App-ready bundles: a target's files copied into an app's layout, with a sha256 manifest and a zip."""
+"""App-ready bundles: a target's files in an app's layout, a sample that runs them, a sha256 manifest and a zip.
+
+    bundles/android/src/main/assets/…            the .tflite (+ .ort), tokenizer, configs, model_info.json
+    bundles/android/src/main/java/ai/edgepack/EdgepackLlm.kt    LiteRT Interpreter: prefill + greedy decode
+    bundles/ios/Resources/…                      the .mlpackage(s), tokenizer, configs, model_info.json
+    bundles/ios/Sources/EdgepackLlm.swift        Core ML: state, prefill + greedy decode
+    bundles/<platform>/README.md                 what goes where (Gradle noCompress, Xcode target membership)
+    bundles/<platform>/bundle-manifest.json      sha256 and size of every other file
+
+Unzip into the app module (android: app/, ios: the app target's folder). The baseline/ builds validate compares
+with are left out.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+from importlib import resources
 from pathlib import Path
 
-from edgepack.artifacts import MANIFEST, model_dir, read_manifest, sha256_file, write_json
+from edgepack import __version__
+from edgepack.artifacts import BASELINE_DIR, MANIFEST, model_dir, read_manifest, sha256_file, write_json
 from edgepack.errors import EdgepackError
 from edgepack.source import Source
 
 BUNDLE_MANIFEST = "bundle-manifest.json"
+LAYOUTS = {
+    "android": {"assets": "src/main/assets", "sample": ("EdgepackLlm.kt", "src/main/java/ai/edgepack/EdgepackLlm.kt")},
+    "ios": {"assets": "Resources", "sample": ("EdgepackLlm.swift", "Sources/EdgepackLlm.swift")},
+}
+README = {
+    "android": """# {slug} for Android (edgepack {version})
+
+Unzip into your app module (`app/`): the model and its files land in `src/main/assets/`, the sample in
+`src/main/java/ai/edgepack/EdgepackLlm.kt`.
+
+Model files must stay uncompressed in the APK so they can be memory-mapped. In `app/build.gradle.kts`:
+
+    android {{
+        androidResources {{ noCompress += listOf("tflite", "ort") }}
+    }}
+    dependencies {{
+        implementation("com.google.ai.edge.litert:litert:1.4.0")           // .tflite
+        implementation("com.microsoft.onnxruntime:onnxruntime-android:1.22.0")  // .ort, if you use it
+    }}
+
+`model_info.json` names the signatures (prefill, decode), their inputs and outputs, the cache shape, the
+prefill length and the end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lists the
+sha256 of every file (`edgepack bundle --verify DIR` re-checks them).
+
+Files:
+{files}
+""",
+    "ios": """# {slug} for iOS / macOS (edgepack {version})
+
+Add `Resources/` to your app target (the .mlpackage compiles to .mlmodelc at build time) and
+`Sources/EdgepackLlm.swift`. Needs iOS 18 / macOS 15 (Core ML state for the KV cache).
+
+`model_info.json` names the inputs, outputs and states and their shapes, the context length and the
+end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lists the sha256 of every file
+(`edgepack bundle --verify DIR` re-checks them).
+
+Files:
+{files}
+""",
+}
 
 
 def build_bundle(platform: str, source: Source, dist: Path) -> Path:
-    """dist/<slug>/bundles/<platform>/ and <platform>.zip from the exported target folder."""
+    """dist/<slug>/bundles/<platform>/ and <platform>.zip from the exported target folder (written atomically)."""
+    if platform not in LAYOUTS:
+        raise EdgepackError(f"bundle: unknown platform '{platform}'; valid: {', '.join(LAYOUTS)}")
     folder = model_dir(dist, source.slug)
     target_dir = folder / platform  # the platform is the target's name
     manifest = read_manifest(target_dir)
     if manifest is None:
         raise EdgepackError(f"no {platform} artifacts under {target_dir}; run edgepack export --target "
                             f"{platform} first (see edgepack doctor for what is available)")
+    layout = LAYOUTS[platform]
     out = folder / "bundles" / platform
     tmp = out.with_name(f".{platform}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(target_dir, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+    shutil.copytree(target_dir, tmp / layout["assets"], ignore=shutil.ignore_patterns(MANIFEST, BASELINE_DIR))
+    template, dest = layout["sample"]
+    (tmp / dest).parent.mkdir(parents=True, exist_ok=True)
+    (tmp / dest).write_text(resources.files("edgepack.mobile").joinpath("templates", template).read_text())
+    assets = sorted(p.relative_to(tmp).as_posix() for p in (tmp / layout["assets"]).rglob("*") if p.is_file())
+    (tmp / "README.md").write_text(README[platform].format(
+        slug=source.slug, version=__version__, files="\n".join(f"- `{name}`" for name in assets)))
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
     write_json(tmp / BUNDLE_MANIFEST, {
-        "platform": platform, "model": source.slug,
+        "platform": platform, "model": source.slug, "edgepack": __version__,
+        "variants": [f"{a['format']}/{a['variant']}" for a in manifest["artifacts"]],
         "files": {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files},
     })
     shutil.rmtree(out, ignore_errors=True)

@@ -48,6 +48,11 @@ class Runner:
         """Why this runner cannot run on this machine (a missing package, macOS only…), or None when it can."""
         return None
 
+    @classmethod
+    def notes(cls) -> str:
+        """What a user should know about this runner on this machine (shown by doctor)."""
+        return ""
+
     def load(self, artifact: Artifact) -> "Runner":
         self.artifact = artifact
         self._load_model(artifact)
@@ -71,6 +76,10 @@ class Runner:
     def weight_bytes(self) -> int:
         """Bytes of weights read per decoded token (for the memory-bandwidth roofline)."""
         return self.artifact.bytes
+
+    def compatibility(self) -> dict[str, str]:
+        """Whether other runtimes a user may ship can load this artifact: {runtime: verdict}, {} when not checked."""
+        return {}
 
     # --- shared by every runner -------------------------------------------------------------------------
     @property

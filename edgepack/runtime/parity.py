@@ -119,8 +119,11 @@ def check(metrics: dict, thresholds: dict[str, float]) -> list[dict]:
 
 def validate_artifact(artifact: Artifact, thresholds: dict[str, float], ref: ReferenceTrace) -> dict:
     """Load an artifact's runner, measure it against the reference, and check it: used by the CLI and pytest."""
-    metrics = measure(open_runner(artifact), ref)
+    runner = open_runner(artifact)
+    metrics = measure(runner, ref)
     result = {"key": artifact.key, "metrics": metrics, "checks": check(metrics, thresholds)}
+    if compatibility := runner.compatibility():  # e.g. whether an older runtime can load the artifact
+        result["compatibility"] = compatibility
     if artifact.baseline:  # the exporter's plain build of the same variant: how much its extra work bought
         plain = Artifact(artifact.target, artifact.format, artifact.variant, artifact.dir, artifact.baseline)
         result["baseline"] = measure(open_runner(plain), ref)

@@ -1,0 +1,169 @@
+"""android runner, LiteRT part: ai-edge-litert's Interpreter (XNNPACK, threads = cores) on the .tflite's signatures.
+
+The graph reads the KV cache and returns only this step's keys and values (see model_info.json, written by the
+exporter); the runner writes them straight into the cache inputs' own tensor buffers of both signatures, so a
+decode step copies one token's keys, not the cache. A prompt longer than the prefill length is prefilled in
+chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from edgepack.artifacts import Artifact
+from edgepack.errors import EdgepackError
+from edgepack.native import modules_missing, quiet_stderr
+from edgepack.runtime.base import Runner, register
+
+MODEL_INFO = "model_info.json"
+
+
+def open_interpreter(path, threads: int | None = None):
+    """An ai-edge-litert Interpreter for path, or one clear error when the file is not a loadable model."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        with quiet_stderr():
+            return Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgepackError(f"{path}: LiteRT cannot load this model ({first[:200]}); it is truncated or corrupt — "
+                            "re-export it with --force") from None
+
+
+class _Signature:
+    """One signature's subgraph: small inputs set per call, cache inputs as views of the interpreter's buffers."""
+
+    def __init__(self, interpreter, name: str, layers: int):
+        self.wrapper = interpreter._interpreter  # the C++ wrapper: per-subgraph tensors without per-call copies
+        signature = interpreter._get_full_signature_list()[name]
+        self.inputs, self.outputs = signature["inputs"], signature["outputs"]
+        self.index = self.wrapper.GetSubgraphIndexFromSignature(name)
+        self.wrapper.AllocateTensors(self.index)
+        view = lambda n: self.wrapper.tensor(self.wrapper, self.inputs[n], self.index)
+        self.k = [view(f"k_{i}") for i in range(layers)]
+        self.v = [view(f"v_{i}") for i in range(layers)]
+        for cache in self.k + self.v:  # fresh buffers hold whatever memory held; masked slots must still be finite
+            cache.fill(0)
+        self.steps = int(self.wrapper.TensorSize(self.inputs["tokens"], self.index)[1])
+
+    def __call__(self, **small) -> dict[str, np.ndarray]:
+        for name, value in small.items():
+            self.wrapper.SetTensor(self.inputs[name], value, self.index)
+        self.wrapper.Invoke(self.index)
+        return {name: self.wrapper.GetTensor(i, self.index) for name, i in self.outputs.items()}
+
+
+@register
+class LiteRTRunner(Runner):
+    name = "litert"
+    formats = ("tflite",)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return modules_missing("ai_edge_litert")
+
+    @classmethod
+    def notes(cls) -> str:
+        state = "ready" if legacy_runtime_python() else "its environment is missing (make install builds it)"
+        return f"validate also checks each .tflite on {LEGACY_RUNTIME}: {state}"
+
+    def _load_model(self, artifact: Artifact) -> None:
+        info_path = artifact.dir / MODEL_INFO
+        if not info_path.is_file():
+            raise EdgepackError(f"{info_path}: missing; re-export the android target")
+        self.info = json.loads(info_path.read_text())
+        self.interpreter = open_interpreter(artifact.files[0])
+        signatures = self.interpreter.get_signature_list()
+        if set(signatures) != {"prefill", "decode"}:
+            raise EdgepackError(f"{artifact.files[0]}: signatures {sorted(signatures)}, expected prefill and decode; "
+                                "re-export it")
+        layers = self.info["num_layers"]
+        self.prefill_sig = _Signature(self.interpreter, "prefill", layers)
+        self.decode_sig = _Signature(self.interpreter, "decode", layers)
+        self.capacity = self.info["context_length"]
+        self.reset()
+
+    def compatibility(self) -> dict[str, str]:
+        return {LEGACY_RUNTIME: legacy_runtime_verdict(self.artifact.files[0])}
+
+    def reset(self) -> None:
+        self.length = 0  # slots at or after `length` are masked out by the graph (and finite): no need to clear them
+
+    def _store(self, out: dict[str, np.ndarray], count: int) -> None:
+        """Write this step's keys and values into both signatures' cache buffers at slots length..length+count."""
+        span = slice(self.length, self.length + count)
+        for sig in (self.prefill_sig, self.decode_sig):
+            for i in range(len(sig.k)):
+                sig.k[i][:, :, span] = out["k_new"][i][:, :, :count]
+                sig.v[i][:, :, span] = out["v_new"][i][:, :, :count]
+        self.length += count
+
+    def _check_room(self, count: int) -> None:
+        if self.length + count > self.capacity:
+            raise EdgepackError(f"{self.artifact.key}: {self.length + count} tokens exceed the context length "
+                                f"{self.capacity}; raise context_length in targets.toml and re-export")
+
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Chunks of the prefill length, each padded; the cache slots of padding are never stored."""
+        self.reset()
+        ids = [int(t) for t in ids]
+        self._check_room(len(ids))
+        steps = self.prefill_sig.steps
+        for start in range(0, len(ids), steps):
+            chunk = ids[start:start + steps]
+            tokens = np.zeros((1, steps), np.int32)
+            tokens[0, :len(chunk)] = chunk
+            out = self.prefill_sig(tokens=tokens, position=np.array([start], np.int32),
+                                   length=np.array([len(chunk)], np.int32))
+            self._store(out, len(chunk))
+        return out["logits"][0]
+
+    def decode(self, token: int) -> np.ndarray:
+        self._check_room(1)
+        out = self.decode_sig(tokens=np.array([[token]], np.int32), position=np.array([self.length], np.int32))
+        self._store(out, 1)
+        return out["logits"][0]
+
+
+# tflite-runtime 2.14 (2023), the package older apps and guides name, is built against NumPy 1.x, so it lives in
+# its own small environment (the Makefile builds it under .venv/tflite-runtime); this script runs there.
+LEGACY_RUNTIME = "tflite-runtime 2.14"
+_LEGACY_CHECK = """
+import sys
+from tflite_runtime.interpreter import Interpreter
+try:
+    it = Interpreter(model_path=sys.argv[1])
+    names = sorted(it.get_signature_list())
+    for name in names:
+        it.get_signature_runner(name)
+        it._interpreter.AllocateTensors(it._interpreter.GetSubgraphIndexFromSignature(name))
+    it._interpreter.Invoke(it._interpreter.GetSubgraphIndexFromSignature("decode"))  # every kernel runs once
+    print("loads and runs; signatures " + ", ".join(names))
+except Exception as exc:
+    print("fails: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160])
+"""
+
+
+def legacy_runtime_python():
+    """The NumPy-1 environment's python holding tflite-runtime 2.14, or None when it was not built."""
+    import sys
+    from pathlib import Path
+
+    python = Path(sys.prefix) / "tflite-runtime" / "bin" / "python"
+    return python if python.is_file() else None
+
+
+def legacy_runtime_verdict(path) -> str:
+    """Whether tflite-runtime 2.14 loads a .tflite and allocates its signatures (op support), in a few words."""
+    import subprocess
+
+    python = legacy_runtime_python()
+    if python is None:
+        return "not checked (its environment is missing: make install builds .venv/tflite-runtime)"
+    done = subprocess.run([str(python), "-c", _LEGACY_CHECK, str(path)], capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("loads", "fails"))]
+    return lines[-1] if lines else f"fails: {(done.stderr.strip().splitlines() or ['no output'])[-1][:160]}"

@@ -1,0 +1,148 @@
+"""ios target: Core ML ML Program with the KV cache as state, checked on Linux by edgepack's MIL interpreter."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgepack.errors import EdgepackError
+
+pytest.importorskip("coremltools")
+
+from edgepack.artifacts import artifacts_in  # noqa: E402
+from edgepack.runtime import open_runner  # noqa: E402
+from edgepack.runtime.parity import measure, trace_reference  # noqa: E402
+from edgepack.runtime.reference import source_artifact  # noqa: E402
+
+
+def cli(*args, out: Path, timeout=1200):
+    return subprocess.run([sys.executable, "-m", "edgepack", *args, "--out", str(out)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny_ios(request, tiny_models, tmp_path_factory):
+    from edgepack.exporters import export_target
+    from edgepack.source import resolve
+    from edgepack.targets import load_targets
+
+    source = resolve(str(tiny_models[request.param]))
+    out = tmp_path_factory.mktemp(f"ios-{request.param}")
+    export_target(source, load_targets().targets["ios"], {"coreml": ["fp16", "int4"]}, out / source.slug, force=False,
+                  log=lambda _: None)
+    return source, {a.variant: a for a in artifacts_in(out / source.slug) if a.target == "ios"}
+
+
+def test_the_mil_interpreter_matches_the_reference(tiny_ios):
+    """fp16: the converted program, evaluated op by op with fp16 rounding, follows the fp32 reference."""
+    source, found = tiny_ios
+    ref = trace_reference(open_runner(source_artifact(source)), max_new_tokens=16)
+    fp16 = measure(open_runner(found["fp16"]), ref)
+    assert fp16["max_abs_logit"] < 0.1 and fp16["top1"] >= 0.97 and fp16["kl"] < 1e-3, fp16
+
+    # int4 = the OffsetLinear model (asymmetric 4-bit blocks) stored losslessly: equal to it up to fp16 and the int8
+    # embedding (plain symmetric int4 is off by ~3 logits on these random weights)
+    import torch
+
+    from edgepack.exporters.tflite import with_offset_linears
+    from edgepack.model.decoder import causal_mask
+    from edgepack.model.weights import load_decoder
+
+    quantized = with_offset_linears(load_decoder(source.path, 64))
+    ids = ref.prompts[0]
+    positions = torch.arange(len(ids))
+    with torch.inference_mode():
+        expected = quantized(torch.tensor([ids]), positions, causal_mask(positions, 64))[0, -1].numpy()
+    assert np.abs(open_runner(found["int4"]).prefill(ids) - expected).max() < 0.15
+
+
+def test_structure_matches_model_info(tiny_ios):
+    from edgepack.runtime.coreml import load_checked, package_of
+
+    _, found = tiny_ios
+    info = json.loads((found["int4"].dir / "model_info.json").read_text())
+    assert info["states"]["k_cache"]["shape"] == [2, 1, 2, 2048, 16] and info["inputs"]["input_ids"]["dtype"] == "int32"
+    spec, program, facts = load_checked(package_of(found["int4"].files[0]), info)
+    assert spec.specificationVersion == 9 and facts["problems"] == []
+    assert {s.name for s in spec.description.state} == {"k_cache", "v_cache"}
+    assert facts["quantized_weights"].get("constexpr_blockwise_shift_scale(int4)", 0) >= 8  # layers in int4 blocks
+    _, _, plain = load_checked(package_of(found["fp16"].files[0]), info)
+    assert plain["quantized_weights"] == {}
+
+
+def test_an_unknown_op_fails_and_is_named(tiny_ios, monkeypatch):
+    from edgepack.runtime import mil
+    from edgepack.runtime.coreml import load_checked, package_of
+
+    _, found = tiny_ios
+    info = json.loads((found["fp16"].dir / "model_info.json").read_text())
+    _, program, _ = load_checked(package_of(found["fp16"].files[0]), info)
+    monkeypatch.delitem(mil.OPS, "softmax")
+    with pytest.raises(mil.UnknownOp, match="MIL op\\(s\\) softmax not implemented"):
+        mil.MILInterpreter(program)
+
+
+def test_context_beyond_the_state_is_one_error(tiny_ios):
+    _, found = tiny_ios
+    runner = open_runner(found["fp16"])
+    with pytest.raises(EdgepackError, match="exceed the context length 2048 \\(the state's shape\\)"):
+        runner.prefill([5] * 2049)
+
+
+@pytest.mark.parametrize("damage", ["missing weights", "garbled spec"])
+def test_a_corrupt_mlpackage_is_one_error_line(tiny_ios, tmp_path, damage):
+    source, found = tiny_ios
+    folder = tmp_path / source.slug
+    shutil.copytree(found["fp16"].dir.parent, folder)
+    package = folder / "ios" / "coreml" / "model_fp16.mlpackage"
+    if damage == "missing weights":
+        (package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").unlink()
+    else:
+        spec = package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+        spec.write_bytes(b"\x07garbage" * 100)
+    out = cli("validate", "--model", str(source.path), "--target", "ios", "--variant", "fp16", out=tmp_path)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode not in (0, 3) and len(lines) == 1 and lines[0].startswith("edgepack: error:"), out.stderr
+    assert "model_fp16.mlpackage" in lines[0]
+
+
+def test_an_unsupported_architecture_is_one_error_line(tiny_models, tmp_path):
+    folder = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    out = cli("export", "--model", str(folder), "--target", "ios", out=tmp_path / "dist", timeout=300)
+    assert out.returncode == 2 and "unsupported architecture 'gpt2'" in out.stderr, out.stderr
+    assert not list((tmp_path / "dist").rglob("*.mlpackage")) if (tmp_path / "dist").exists() else True
+
+
+# --- the default model -----------------------------------------------------------------------------------------------
+def test_default_model_ios_exports_validates_and_bundles(default_source, tmp_path):
+    from edgepack.mobile import verify_bundle
+
+    exported = cli("export", "--target", "ios", out=tmp_path)
+    assert exported.returncode == 0, exported.stderr
+    validated = cli("validate", "--target", "ios", "--json", out=tmp_path)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    results = {r["key"]: r for r in json.loads(validated.stdout)}
+    fp16, int4 = results["ios/coreml/fp16"], results["ios/coreml/int4"]
+    assert fp16["metrics"]["top1"] >= 0.99 and fp16["metrics"]["greedy"] >= 0.75
+    assert int4["metrics"]["kl"] < int4["baseline"]["kl"]
+    assert "MIL interpreter" in int4["compatibility"]["Core ML"]
+    folder = tmp_path / default_source.slug
+    size = {v: sum(f.stat().st_size for f in (folder / "ios" / "coreml" / f"model_{v}.mlpackage").rglob("*"))
+            for v in ("fp16", "int4")}
+    print(f"int4 / fp16 package size: {size['int4'] / size['fp16']:.3f}")  # reported; the bar is in the README
+    built = cli("bundle", "--platform", "ios", out=tmp_path)
+    assert built.returncode == 0, built.stderr
+    bundle = folder / "bundles" / "ios"
+    assert (bundle / "Resources" / "coreml" / "model_int4.mlpackage" / "Manifest.json").is_file()
+    assert (bundle / "Resources" / "model_info.json").is_file()
+    assert "makeState()" in (bundle / "Sources" / "EdgepackLlm.swift").read_text()
+    assert verify_bundle(bundle) == []
