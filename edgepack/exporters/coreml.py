@@ -141,8 +141,9 @@ def quantize(mlmodel, variant: str, plain: bool = False):
     """coremltools' own weight quantizer.
 
     int4 (applied to the OffsetLinear graph): affine ("linear") int4 per block of 32, which reads OffsetLinear's
-      symmetric levels back exactly; the per-block offsets stay fp16; embedding / lm_head int8 per channel (as
-      llama.cpp's Q4_K_M keeps its output matrix at 6-8 bits).
+      symmetric levels back exactly; embedding / lm_head int8 per channel (as llama.cpp's Q4_K_M keeps its output
+      matrix at 6-8 bits); the per-block offsets int8 per channel too (fp16 offsets: KL 0.0010 / top-1 0.965 at
+      0.356× the fp16 package; int8: 0.0013 / 0.955 at 0.345×, inside the issue's 0.35× size bar).
     plain (the baseline): linear_symmetric int4 per block of 32 on the original weights, embedding / lm_head int8.
     int8: linear_symmetric per channel everywhere.
     """
@@ -157,7 +158,9 @@ def quantize(mlmodel, variant: str, plain: bool = False):
                                            granularity="per_block", block_size=BLOCK)
         names = [op.name for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"]
         by_name = {n: int8 for n in names if n.startswith(("model_embed_weight", "model_lm_head_weight"))}
-        by_name |= {n: None for n in names if "_offset_weight" in n}
+        offsets = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                              weight_threshold=0)
+        by_name |= {n: offsets for n in names if "_offset_weight" in n}
         config = cto.OptimizationConfig(global_config=int4, op_name_configs=by_name)
     with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):
         return cto.linear_quantize_weights(mlmodel, config=config)
