@@ -150,6 +150,7 @@ def cmd_validate(args) -> int:
 def cmd_bench(args) -> int:
     from edgepack.artifacts import model_dir
     from edgepack.native import llama_cpp_missing
+    from edgepack.runtime import RUNNERS
     from edgepack.runtime.bench import anchor_artifact, bench_artifact, memory_read_bandwidth
     from edgepack.runtime.reference import source_artifact
     from edgepack.runtime.report import update_report
@@ -159,6 +160,11 @@ def cmd_bench(args) -> int:
     source = _source(args)
     folder = model_dir(args.out, source.slug)
     artifacts = _artifacts(args, source, targets)
+    for artifact in list(artifacts):
+        runner = RUNNERS.get(artifact.format)
+        if runner and (why := runner.speed_unmeasurable()):
+            console.print(f"{artifact.key}: not benchmarked — {why}")
+            artifacts.remove(artifact)
     if not args.target or "source" in args.target:
         artifacts.insert(0, source_artifact(source))
     if any(a.target != "source" for a in artifacts) and not llama_cpp_missing():

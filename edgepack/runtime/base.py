@@ -49,6 +49,11 @@ class Runner:
         return None
 
     @classmethod
+    def speed_unmeasurable(cls) -> str | None:
+        """Why this runner's speed would say nothing about the real runtime here (bench skips it), or None."""
+        return None
+
+    @classmethod
     def notes(cls) -> str:
         """What a user should know about this runner on this machine (shown by doctor)."""
         return ""

@@ -141,6 +141,12 @@ class CoreMLRunner(Runner):
         return modules_missing("coremltools")
 
     @classmethod
+    def speed_unmeasurable(cls) -> str | None:
+        if core_ml_available():
+            return None
+        return "Core ML speed needs macOS (here the MIL interpreter checks numbers; it is not a runtime)"
+
+    @classmethod
     def notes(cls) -> str:
         if core_ml_available():
             return "runs on Core ML (macOS)"
