@@ -146,3 +146,14 @@ def test_default_model_ios_exports_validates_and_bundles(default_source, tmp_pat
     assert (bundle / "Resources" / "model_info.json").is_file()
     assert "makeState()" in (bundle / "Sources" / "EdgepackLlm.swift").read_text()
     assert verify_bundle(bundle) == []
+
+
+def test_bench_says_why_core_ml_speed_is_not_measured_here(tiny_ios):
+    import platform
+
+    if platform.system() == "Darwin":
+        pytest.skip("Core ML runs here; bench measures it")
+    source, found = tiny_ios
+    out = cli("bench", "--model", str(source.path), "--target", "ios", out=found["fp16"].dir.parent.parent)
+    assert out.returncode == 0, out.stderr
+    assert "ios/coreml/fp16: not benchmarked — Core ML speed needs macOS" in " ".join((out.stdout + out.stderr).split())
