@@ -50,7 +50,7 @@ def test_the_mil_interpreter_matches_the_reference(tiny_ios):
     # embedding and offsets, measured ≤ 0.16 (plain symmetric int4 is off by ~3 logits on these random weights)
     import torch
 
-    from edgepack.exporters.tflite import with_offset_linears
+    from edgepack.model.offset_linear import with_offset_linears
     from edgepack.model.decoder import causal_mask
     from edgepack.model.weights import load_decoder
 

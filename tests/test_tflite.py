@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from edgepack.errors import EdgepackError
-from edgepack.exporters.tflite import FILE_NAMES, OffsetLinear
+from edgepack.exporters.tflite import FILE_NAMES
+from edgepack.model.offset_linear import OffsetLinear
 from edgepack.model.decoder import causal_mask
 
 pytest.importorskip("litert_torch")

@@ -1,7 +1,8 @@
 """ios target: a Core ML ML Program (.mlpackage, iOS 18 / macOS 15) with the KV cache as Core ML state.
 
     ios/coreml/model_fp16.mlpackage   fp16 weights and compute
-    ios/coreml/model_int4.mlpackage   asymmetric int4 weights in blocks of 32 (see OffsetLinear), fp16 compute
+    ios/coreml/model_int4.mlpackage   asymmetric int4 weights in blocks of 32 (model/offset_linear.py),
+                                      fp16 compute
     ios/coreml/model_int8.mlpackage   int8 per-channel weights (not in the default list)
     ios/model_info.json               inputs, outputs, states, shapes, context length, eos ids (an app reads it)
     ios/baseline/coreml/model_int4.mlpackage   coremltools' plain linear_symmetric int4 per block of 32
@@ -32,7 +33,7 @@ from torch import nn
 from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
-from edgepack.exporters.tflite import with_offset_linears
+from edgepack.model.offset_linear import with_offset_linears
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import TargetSpec

@@ -1,8 +1,9 @@
 """android target, LiteRT part: one .tflite with a `prefill` and a `decode` signature, converted by litert-torch.
 
     android/tflite/model_fp32.tflite   fp32 weights and activations
-    android/tflite/model_int8.tflite   int8 per-channel weights (Hadamard-rotated), dynamic int8 activations
-    android/tflite/model_int4.tflite   asymmetric int4 weights in blocks of 32 (see OffsetLinear), dynamic int8
+    android/tflite/model_int8.tflite   int8 per-channel weights (Hadamard-rotated; the tied embedding / lm_head
+                                       stay fp32), dynamic int8 activations
+    android/tflite/model_int4.tflite   asymmetric int4 weights in blocks of 32 (model/offset_linear.py), dynamic int8
                                        activations
     android/model_info.json            signatures, tensor names, shapes, context length, eos ids (an app reads it)
     android/baseline/tflite/model_int4.tflite   ai-edge-quantizer's plain symmetric blockwise int4, measured beside it
@@ -37,6 +38,7 @@ from torch import nn
 from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
+from edgepack.model.offset_linear import with_offset_linears
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
@@ -105,59 +107,6 @@ class Signatures(nn.Module):
         out = probs[..., :capacity] @ v_cache + probs[..., capacity:] @ v  # [1, kv, group·T, D]
         out = out.reshape(1, cfg.num_heads, steps, self.head_dim).transpose(1, 2).reshape(1, steps, -1)
         return attn.o(out), k, v
-
-
-class OffsetLinear(nn.Module):
-    """A Linear whose weight sits exactly on a symmetric 4-bit grid per block of 32, plus a per-block offset.
-
-    Written by hand because LiteRT's int4 kernels take symmetric weights only, and symmetric round-to-nearest
-    loses about a bit (top-1 0.70 on the default model). Asymmetric 4-bit per block b (scale s, minimum lo, levels
-    q in 0..15) is w = lo + s·q = s·(q − 8) + (lo + 8·s), so
-        x @ w = x @ [s·(q − 8)] + BlockSums(x) @ offsets,   offsets[b] = lo_b + 8·s_b,
-    the first term exactly representable as symmetric int4 (ai-edge-quantizer's dequantized-weight recovery reads
-    its scales and levels back without loss), the second a small fp32 matmul (in_features / 32 inputs).
-    """
-
-    def __init__(self, linear: nn.Linear, block: int = 32):
-        super().__init__()
-        out_features, in_features = linear.weight.shape
-        if in_features % block:
-            raise EdgepackError(f"tflite int4: a layer's input width {in_features} is not a multiple of {block}; "
-                                "export fp32 / int8 for this model")
-        self.blocks, self.block = in_features // block, block
-        w = linear.weight.detach().float().reshape(out_features, self.blocks, block)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp_min(1e-8)
-        q = ((w - lo) / scale).round().clamp(0, 15)
-        self.linear = nn.Linear(in_features, out_features, bias=linear.bias is not None)
-        self.linear.weight = nn.Parameter((scale * (q - 8)).reshape(out_features, in_features), requires_grad=False)
-        if linear.bias is not None:
-            self.linear.bias = nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.offset = nn.Linear(self.blocks, out_features, bias=False)
-        self.offset.weight = nn.Parameter((lo + 8 * scale).reshape(out_features, self.blocks), requires_grad=False)
-
-    def forward(self, x):
-        sums = x.reshape(*x.shape[:-1], self.blocks, self.block).sum(-1)
-        return self.linear(x) + self.offset(sums)
-
-
-def with_offset_linears(model):
-    """A copy of the decoder whose transformer-layer Linears are OffsetLinears (the lm_head is left alone)."""
-    import copy
-
-    model = copy.deepcopy(model)
-    # An all-zero row (a padding token's embedding, never trained) gets a per-channel int8 scale of ~0, which
-    # XNNPACK refuses ("unsupported scale value"): give such rows a magnitude of 1e-6 (their logit moves by ~1e-6).
-    with torch.no_grad():
-        for weight in {id(w): w for w in (model.embed.weight, model.lm_head.weight)}.values():
-            dead = weight.abs().amax(-1) < 1e-6
-            weight[dead] = 1e-6
-    for layer in model.layers:
-        for parent in (layer.attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, OffsetLinear(child))
-    return model
 
 
 def sample_inputs(model, steps: int, with_length: bool) -> dict[str, torch.Tensor]:
