@@ -31,6 +31,24 @@ def modules_missing(*modules: str) -> str | None:
     return None
 
 
+def import_quietly(*modules: str) -> None:
+    """Import optional modules that log warnings to stderr as they load (torchao, which litert-torch installs and
+    transformers imports whenever it loads a model, reports missing CUDA kernels), so edgepack's own output stays
+    one line on error. Modules that are absent or already imported are left alone."""
+    import importlib.util
+    import logging
+    import sys
+
+    logging.disable(logging.WARNING)  # torch's pytree registrations log through a handler of their own
+    try:
+        with quiet_stderr():
+            for module in modules:  # find_spec of a submodule imports its parent package, so it is inside too
+                if module not in sys.modules and importlib.util.find_spec(module) is not None:
+                    __import__(module)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def llama_cpp_missing() -> str | None:
     """Why llama-cpp-python cannot be used here, or None (the cpu exporter and runner both need it)."""
     return modules_missing("llama_cpp")

@@ -231,6 +231,9 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
     tmp.chmod(0o755)
     try:
         with console.status(f"materializing {path.name} into a Hugging Face folder (once; about a minute)…"):
+            from edgepack.native import import_quietly
+
+            import_quietly("torchao", "transformers.quantizers.auto")  # its registry imports torchao when installed
             from transformers import AutoModelForCausalLM, AutoTokenizer
             from transformers.utils import logging as hf_logging
 

@@ -127,7 +127,8 @@ def input_names(layers: int, with_length: bool) -> list[str]:
 
 def convert(model, path: Path, prefill_length: int) -> Path:
     """litert-torch: both signatures into one fp32 .tflite at path."""
-    import litert_torch
+    with quiet_stderr():  # it imports torchao and jax, which log at import
+        import litert_torch
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     litert_torch.config.show_progress = False  # edgepack prints its own progress line per variant

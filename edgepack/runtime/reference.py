@@ -23,6 +23,9 @@ class ReferenceRunner(Runner):
 
     def _load_model(self, artifact: Artifact) -> None:
         import torch
+        from edgepack.native import import_quietly
+
+        import_quietly("torchao", "transformers.quantizers.auto")  # its registry imports torchao when installed
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(os.cpu_count() or 1)
