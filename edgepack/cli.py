@@ -159,6 +159,8 @@ def cmd_bench(args) -> int:
     targets = _targets(args)
     source = _source(args)
     folder = model_dir(args.out, source.slug)
+    if args.browser:
+        return _bench_browser(args, source, folder, console)
     artifacts = _artifacts(args, source, targets)
     for artifact in list(artifacts):
         runner = RUNNERS.get(artifact.format)
@@ -224,6 +226,32 @@ def cmd_report(args) -> int:
     folder = model_dir(args.out, _source(args).slug)
     print(write_reports(folder), end="")
     _console().print(f"wrote {folder / 'report.json'}, report.md, report.html")
+    return 0
+
+
+def _bench_browser(args, source, folder, console) -> int:
+    """The page in headless Chromium: its default engine and variant against stock wllama on the anchor GGUF."""
+    from edgepack.artifacts import read_manifest, write_json
+    from edgepack.runtime.bench import anchor_artifact
+    from edgepack.runtime.report import REPORT, load_report
+    from edgepack.web.browser import browser_bench
+
+    if read_manifest(folder / "web") is None:
+        raise EdgepackError(f"{folder / 'web'}: no web export; run edgepack export --target web first")
+    with console.status("benchmarking the page in headless Chromium…"):
+        result = browser_bench(Path(args.out), source.slug, anchor_artifact().files[0])
+    result["run"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    report = load_report(folder)
+    report["browser"] = result
+    write_json(folder / REPORT, report)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for name in ("default", "wllama"):
+        r = result[name]
+        console.print(f"browser {name}: {r['engine']} ({r['device']}) {r['variant']}: {r['decode_tok_s']:.1f} tok/s "
+                      f"(runs {r['decode_tok_s_runs']}), first token {r['first_token_after_load_s']:.2f} s after load")
+    console.print(f"browser: the page's default decodes at {result['ratio']:.2f}× stock wllama's tok/s (same run)")
     return 0
 
 
@@ -298,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--target", nargs="+", action="extend", metavar="T", help=target_help)
         p.add_argument("--variant", nargs="+", action="extend", metavar="V", help="only these variants")
         p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--browser", action="store_true", help="bench the page in headless Chromium instead: its default "
+                   "engine and variant against stock wllama on the anchor GGUF")
     p = command("run", cmd_run, "generate with one artifact; streams only the generated text to stdout")
     p.add_argument("--target", required=True, metavar="T", help="source | web | ios | android | cpu")
     p.add_argument("--variant", nargs=1, metavar="V", help="variant (default: the first exported)")

@@ -52,6 +52,23 @@ def test_fp32_graph_equals_the_reference_for_each_family(tiny_models, tmp_path, 
     assert q4["kl"] < plain["kl"], (q4, plain)  # HQQ beats round-to-nearest even on random weights
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_q4dq_holds_q4s_weights_as_dequantize_linear_and_computes_them_in_fp32(tiny_models, tmp_path, kind):
+    import onnx
+
+    artifacts = export(tiny_models[kind], tmp_path, plan={"onnx": ["q4", "q4dq"]})
+    graph = onnx.load(str(artifacts["q4dq"].files[0])).graph
+    ops = {n.op_type for n in graph.node}
+    assert "MatMulNBits" not in ops and "DequantizeLinear" in ops
+    assert {onnx.TensorProto.UINT4, onnx.TensorProto.UINT8} >= {i.data_type for i in graph.initializer
+                                                               if i.name.endswith("/Bq")}
+    ref = trace_reference(open_runner(source_artifact(resolve(str(tiny_models[kind])))), max_new_tokens=16)
+    q4, q4dq = (measure(open_runner(artifacts[v]), ref) for v in ("q4", "q4dq"))
+    # the same integer weights and scales; q4dq skips q4's int8 activations, so it sits at least as close
+    assert q4dq["kl"] <= q4["kl"] * 1.05, (q4dq, q4)
+    assert artifacts["q4dq"].bytes < 1.1 * artifacts["q4"].bytes
+
+
 def test_layout_is_what_transformers_js_loads(tiny_models, tmp_path):
     export(tiny_models["llama"], tmp_path, plan={"onnx": ["fp32", "fp16", "q8", "q4", "q4f16"]})
     folder = tmp_path / "tiny-llama" / "web"

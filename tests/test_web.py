@@ -75,3 +75,22 @@ def test_the_browser_builds_are_served_with_their_types(client):
     assert module.status_code == 200 and module.mimetype == "text/javascript"
     page = client.get("/static/transformersjs-check.html")
     assert page.status_code == 200 and page.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    for path in ("/vendor/@huggingface/tokenizers/dist/tokenizers.min.mjs", "/vendor/@huggingface/jinja/dist/index.js",
+                 "/vendor/@wllama/wllama/esm/index.js", "/vendor/@wllama/wllama/esm/wasm/wllama.wasm"):
+        assert client.get(path).status_code == 200, path
+
+
+def test_the_page_is_the_index_and_unknown_models_are_json_404s(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.mimetype == "text/html" and b"/static/app.js" in page.data
+    assert page.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    for path in ("/models/nope/web/onnx/model_q4.onnx", "/models/tiny/cpu/model-Q9.gguf"):
+        response = client.get(path)
+        assert response.status_code == 404 and response.get_json() == {"error": "not found"}
+
+
+def test_the_pages_scripts_and_styles_are_served_with_their_types(client):
+    for path, mimetype in (("/static/app.js", "text/javascript"), ("/static/worker.js", "text/javascript"),
+                           ("/static/style.css", "text/css")):
+        response = client.get(path)
+        assert response.status_code == 200 and response.mimetype == mimetype, path

@@ -6,6 +6,8 @@
     web/onnx/model_quantized.onnx  q8: dynamic int8 (onnxruntime.quantization.quantize_dynamic, per channel)
     web/onnx/model_q4.onnx         q4: MatMulNBits 4-bit blocks of 32 (onnxruntime's MatMulNBitsQuantizer)
     web/onnx/model_q4f16.onnx      q4 weights, fp16 activations and KV cache
+    web/onnx/model_q4dq.onnx       q4's weights as DequantizeLinear → MatMul: a 4-bit download that the runtime
+                                   expands to fp32 at load, for WASM (whose MatMulNBits has no fast kernel)
     web/baseline/onnx/model_q4*.onnx   plain round-to-nearest q4, which validate measures beside ours
 
 The graph comes from onnx_graph.py (fused GroupQueryAttention + SkipSimplifiedLayerNormalization); all
@@ -30,7 +32,7 @@ from edgepack.targets import TargetSpec
 
 FILE_NAMES = {  # transformers.js dtype -> file name under onnx/
     "fp32": "model.onnx", "fp16": "model_fp16.onnx", "q8": "model_quantized.onnx",
-    "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx",
+    "q4": "model_q4.onnx", "q4f16": "model_q4f16.onnx", "q4dq": "model_q4dq.onnx",
 }
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; protobuf cannot serialize a message of 2 GiB or more
 BLOCK = 32
@@ -156,6 +158,97 @@ def quantize_q4(proto, float_type, plain: bool = False):
     return proto
 
 
+def dequantize_nbits(proto):
+    """Rewrite every MatMulNBits(x, B, scales[, zero points]) as MatMul(x, DequantizeLinear(Bq, scales, zp)), in place:
+    the same integer weights and scales, stored as blockwise UINT4/UINT8 DequantizeLinear (opset 21, blocks along K).
+
+    Written by hand because no tool does this direction. Why: onnxruntime-web's WASM build has no fast MatMulNBits
+    kernel (the default model's q4 decodes at ~2 tok/s there, its fp32 graph at ~18). With constant folding of
+    DequantizeLinear allowed (session option session.disable_quant_qdq=1, which every edgepack runner sets), the
+    runtime expands these weights to fp32 once at load: a 4-bit download that decodes at fp32 speed.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    dropped, nodes = set(), []
+
+    def packed(values: np.ndarray, bits: int, name: str):
+        flat = values.astype(np.uint8).ravel()
+        if bits == 8:
+            tensor = numpy_helper.from_array(values.astype(np.uint8), name)
+        else:
+            flat = np.pad(flat, (0, flat.size % 2))
+            tensor = helper.make_tensor(name, TensorProto.UINT4, values.shape, (flat[0::2] | flat[1::2] << 4).tobytes(),
+                                        raw=True)
+        graph.initializer.append(tensor)
+        return name
+
+    # split_float_zero_points' residual products fold into the weights too: W += R repeated over each block.
+    residual = {n.name[: -len("/residual")]: n for n in graph.node if n.op_type == "MatMul" and n.name.endswith("/residual")}
+    skip = set()
+    for node in graph.node:
+        if node.name in skip:
+            continue
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
+        blocks = -(-k // block)
+        raw = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1)
+        q = raw if bits == 8 else np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(n, -1)
+        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
+        if len(node.input) > 3 and node.input[3]:
+            zp = numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1)
+            zp = (zp if bits == 8 else np.stack([zp & 0xF, zp >> 4], axis=-1).reshape(n, -1))[:, :blocks]
+            dropped.add(node.input[3])
+        else:  # MatMulNBits' implied zero point for unsigned storage
+            zp = np.full((n, blocks), 1 << (bits - 1), np.uint8)
+        dropped.update(node.input[1:3])
+        name, output = node.name, node.output[0]
+        inputs = [packed(q[:, :k].T, bits, name + "/Bq"), name + "/scales", packed(zp.T, bits, name + "/zp")]
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(scales.T), name + "/scales"))
+        nodes.append(helper.make_node("DequantizeLinear", inputs, [name + "/W"], axis=0, block_size=block,
+                                      name=name + "/dequantize"))
+        weight = name + "/W"
+        extra = residual.get(name)
+        if extra is not None and k % block == 0:
+            add = next(x for x in graph.node if x.name == name + "/add")
+            skip.update({extra.name, add.name})
+            r = extra.input[1]  # [blocks, N], float (a Cast of the fp16 initializer, moved up here to stay in order)
+            cast = next((x for x in graph.node if x.op_type == "Cast" and x.output[0] == r), None)
+            if cast is not None:
+                skip.add(cast.name)
+                nodes.append(cast)
+            graph.initializer.append(numpy_helper.from_array(np.array([blocks, 1, n], np.int64), name + "/r3"))
+            graph.initializer.append(numpy_helper.from_array(np.array([blocks, block, n], np.int64), name + "/rb"))
+            graph.initializer.append(numpy_helper.from_array(np.array([k, n], np.int64), name + "/rk"))
+            nodes += [helper.make_node("Reshape", [r, name + "/r3"], [name + "/R3"], name=name + "/R3"),
+                      helper.make_node("Expand", [name + "/R3", name + "/rb"], [name + "/RB"], name=name + "/RB"),
+                      helper.make_node("Reshape", [name + "/RB", name + "/rk"], [name + "/RK"], name=name + "/RK"),
+                      helper.make_node("Add", [weight, name + "/RK"], [name + "/W_full"], name=name + "/W_full")]
+            weight, output = name + "/W_full", add.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [output], name=name))
+    # drop what nothing reads any more (the block sums that fed the residual products)
+    needed = {o.name for o in graph.output}
+    kept_nodes = []
+    for node in reversed(nodes):
+        if any(o in needed for o in node.output):
+            kept_nodes.append(node)
+            needed.update(node.input)
+    nodes = kept_nodes[::-1]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    kept = [i for i in graph.initializer if i.name not in dropped and i.name in needed]
+    graph.ClearField("initializer")
+    graph.initializer.extend(kept)
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < 21:
+            opset.version = 21  # blockwise DequantizeLinear and 4-bit types
+    return proto
+
+
 def quantize_q8(proto):
     """q8 (transformers.js' model_quantized.onnx): MatMulNBits 8-bit asymmetric blocks of 32, activations quantized
     to int8 per block at run time (accuracy_level 4), like llama.cpp's Q8_0. quantize_dynamic's per-tensor
@@ -207,6 +300,9 @@ def write_variant(model, variant: str, out: Path) -> list[Path]:
         return save_model(build_decoder_graph(model, np.float16), path)
     if variant == "q8":
         return save_model(quantize_q8(build_decoder_graph(model, untie_lm_head=True, embed_fp16=True)), path)
+    if variant == "q4dq":
+        q4 = quantize_q4(build_decoder_graph(model, np.float32, untie_lm_head=True, embed_fp16=True), np.float32)
+        return save_model(dequantize_nbits(q4), path)
     if variant in ("q4", "q4f16"):
         float_type = np.float16 if variant == "q4f16" else np.float32
         plain = quantize_q4(build_decoder_graph(model, float_type, untie_lm_head=True), float_type, plain=True)

@@ -27,6 +27,9 @@ def open_session(path, threads: int | None = None):
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # Fold DequantizeLinear on weights into plain float initializers (q4dq), as the page asks onnxruntime-web to;
+    # without it onnxruntime would fuse them back into MatMulNBits and compute differently from the browser.
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, …)

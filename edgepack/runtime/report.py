@@ -118,7 +118,19 @@ def render_markdown(report: dict) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in table] + ["", note]
     if _export_note(report):
         lines += ["", _export_note(report)]
+    if _browser_note(report):
+        lines += ["", "## In the browser (headless Chromium, edgepack bench --browser)", "", _browser_note(report)]
     return "\n".join(lines) + "\n"
+
+
+def _browser_note(report: dict) -> str:
+    b = report.get("browser")
+    if not b:
+        return ""
+    d, w = b["default"], b["wllama"]
+    return (f"The page's default, {d['engine']} {d['variant']}: {d['decode_tok_s']:.1f} tok/s, first token "
+            f"{d['first_token_after_load_s']:.2f} s after load (warm HTTP cache). Stock wllama, Q4_1 ({w['device']}): "
+            f"{w['decode_tok_s']:.1f} tok/s. Ratio {b['ratio']:.2f}× (same run, {b['run']}).")
 
 
 def _svg(fig) -> str:
@@ -174,6 +186,8 @@ def render_html(report: dict) -> str:
     if gguf:
         tables += f"<h2>cpu (GGUF)</h2>{_html_table(GGUF_COLUMNS, gguf)}<p>{html.escape(note)}</p>"
     tables += f"<p>{html.escape(_export_note(report))}</p>"
+    if _browser_note(report):
+        tables += f"<h2>In the browser</h2><p>{html.escape(_browser_note(report))}</p>"
     figures = "".join(f"<figure>{svg}</figure>" for svg in _plots(report))
     title = html.escape(f"edgepack report: {report.get('model', '?')}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"

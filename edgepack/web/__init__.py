@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 from flask import Flask, abort, jsonify, send_file
@@ -15,9 +14,9 @@ STATIC = WEB / "static"
 NODE_MODULES = WEB / "node_modules"  # npm ci --ignore-scripts in edgepack/web (make install does it)
 # The only npm folders the page may load from: the packages' browser builds, nothing else of node_modules.
 VENDOR = ("@huggingface/transformers/dist/", "@huggingface/transformers/node_modules/onnxruntime-web/dist/",
-          "onnxruntime-web/dist/", "@wllama/wllama/esm/")
+          "onnxruntime-web/dist/", "@wllama/wllama/esm/", "@huggingface/tokenizers/dist/", "@huggingface/jinja/dist/")
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
-        ".html": "text/html", ".md": "text/markdown"}  # everything else (model files) is application/octet-stream
+        ".html": "text/html", ".css": "text/css", ".md": "text/markdown"}  # everything else (model files) is application/octet-stream
 
 
 def safe_file(root: Path, sub: str) -> Path | None:
@@ -81,13 +80,7 @@ def create_app(dist: str | Path = "dist") -> Flask:
 
     @app.get("/")
     def index():
-        items = "".join(
-            f"<li><b>{html.escape(m['slug'])}</b>: "
-            + ", ".join(html.escape(f"{t['target']} ({len(t['variants'])} variants)") for t in m["targets"])
-            + (f" — <a href='/models/{html.escape(m['slug'])}/{m['report']}'>report</a>" if m["report"] else "")
-            + "</li>" for m in _models(dist))
-        return (f"<!doctype html><meta charset='utf-8'><title>edgepack</title><h1>edgepack</h1>"
-                f"<ul>{items or '<li>nothing exported yet: run edgepack export</li>'}</ul>")
+        return _send(STATIC / "index.html")
 
     @app.get("/api/models")
     def models():

@@ -1,0 +1,177 @@
+"""The page, served by `edgepack serve`'s app, runs the model in real headless Chromium: onnxruntime-web on WASM and
+on WebGPU (SwiftShader), wllama on WASM; every token sequence is checked against edgepack's Python runners."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from edgepack.artifacts import Artifact, read_manifest
+from edgepack.runtime import open_runner
+from edgepack.web import NODE_MODULES
+from edgepack.web.browser import Browser, chromium_path, serve
+
+pytestmark = [
+    pytest.mark.skipif(chromium_path() is None or not (NODE_MODULES / "@wllama").is_dir(),
+                       reason="needs Debian's chromium and npm ci in edgepack/web (make test does both)"),
+]
+FRANCE = "What is the capital of France?"
+SEA = "Write a haiku about the sea."
+SHOTS = Path(__file__).resolve().parent / "output"
+
+
+def artifact(dist: Path, slug: str, target: str, variant: str) -> Artifact:
+    folder = dist / slug / target
+    entry = next(a for a in read_manifest(folder)["artifacts"] if a["variant"] == variant)
+    return Artifact(target, entry["format"], variant, folder, tuple(folder / f["path"] for f in entry["files"]))
+
+
+def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], limit: int = 32) -> str:
+    """The browser's greedy tokens against the Python runner's, on the same artifact.
+
+    Equal, token for token, unless the two runtimes meet a near-tie: WASM and native kernels sum in different
+    orders, and the default model has next-token pairs within 0.04 logit. Then every browser token is teacher-forced
+    through the Python runner and must be its top choice or within 0.1 logit of it (not a different computation)."""
+    python_ids = list(runner.generate_ids(prompt_ids, limit))
+    if python_ids == browser_ids[: len(python_ids)] and len(browser_ids) == len(python_ids):
+        return f"equal for all {len(python_ids)} tokens"
+    runner.reset()
+    logits = [runner.prefill(prompt_ids)]
+    for token in browser_ids[:-1]:
+        logits.append(runner.decode(token))
+    gaps = [float(row.max() - row[token]) for row, token in zip(logits, browser_ids, strict=True)]
+    first = next(i for i, (a, b) in enumerate(zip(python_ids, browser_ids)) if a != b)
+    assert max(gaps) <= 0.1 and gaps[first] > 0, (
+        f"first difference at token {first}; python {python_ids}; browser {browser_ids}; "
+        f"browser token's gap to the top logit {[round(g, 3) for g in gaps]}")
+    return f"equal for {first} tokens, then a near-tie ({gaps[first]:.3f} logit)"
+
+
+@pytest.fixture(scope="module")
+def dist(default_dist, default_source) -> Path:
+    """default_dist (web, android) plus the cpu target's F16 GGUF, for wllama. Not a quantized one: llama.cpp's
+    quantized kernels in WASM and native AVX2 differ enough to change greedy picks (measured: Q8_0 from token 1)."""
+    exported = subprocess.run([sys.executable, "-m", "edgepack", "export", "--target", "cpu", "--variant", "F16",
+                               "--out", str(default_dist)], capture_output=True, text=True, timeout=1200)
+    assert exported.returncode == 0, exported.stderr
+    return default_dist
+
+
+@pytest.fixture(scope="module")
+def wasm_browser():
+    with Browser(webgpu=False) as browser:
+        yield browser
+
+
+@pytest.mark.parametrize("prompt", [FRANCE, SEA])
+@pytest.mark.parametrize(("engine", "target", "variant"), [("wasm", "web", "q4"), ("wllama", "cpu", "F16")])
+def test_the_page_generates_the_python_runners_tokens(dist, default_source, wasm_browser, engine, target, variant,
+                                                       prompt):
+    """onnxruntime-web on WASM against onnxruntime, wllama against llama.cpp (llama-cpp-python): same file."""
+    with serve(dist) as url:
+        state = wasm_browser.chat(url, model=default_source.slug, engine=engine, variant=variant, prompt=prompt,
+                                  n=32, temperature=0, ids=1)
+    runner = open_runner(artifact(dist, default_source.slug, target, variant))
+    ids = runner.encode(prompt)
+    if engine == "wasm":  # tokenizers.js + jinja applied the same chat template
+        assert state["done"]["promptTokens"] == len(ids)
+        assert state["caps"]["crossOriginIsolated"] is True and state["caps"]["threads"] >= 1
+    print(f"\n{variant} on {engine}, {prompt!r}: {assert_same_greedy(runner, ids, state['done']['ids'])}")
+
+
+def test_the_default_choice_answers_and_shows_its_figures(dist, default_source, wasm_browser):
+    SHOTS.mkdir(exist_ok=True)
+    shot = SHOTS / "page.png"
+    with serve(dist) as url:
+        state = wasm_browser.chat(url, prompt=FRANCE, n=32, temperature=0, screenshot=shot)
+    # no WebGPU adapter without the flags: the page picks onnxruntime-web on WASM and the q4dq variant
+    assert state["loaded"]["engine"] == "wasm" and state["loaded"]["variant"] == "q4dq"
+    assert "Paris" in state["done"]["text"]
+    figures = state["figures"]
+    assert float(figures["tokens/s"]) > 0 and float(figures["first token (s)"]) > 0 and float(figures["load (s)"]) > 0
+    assert figures["variant"] == "q4dq"
+    assert shot.stat().st_size > 10_000
+    runner = open_runner(artifact(dist, default_source.slug, "web", "q4dq"))
+    print(f"\nq4dq on WASM: {assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'])}; "
+          f"{figures['tokens/s']} tok/s; screenshot {shot}")
+
+
+def test_stop_ends_a_long_answer(dist, default_source, wasm_browser):
+    with serve(dist) as url:
+        page = wasm_browser.new_page()
+        page.goto(f"{url}/?model={default_source.slug}&engine=wllama&variant=F16&n=2000&prompt=Count+to+1000")
+        page.wait_for_function("window.edgepack.caps !== null && !document.querySelector('#load').disabled")
+        page.click("#load")
+        page.wait_for_function("window.edgepack.loaded !== null", timeout=120_000)
+        page.click("#send")
+        page.wait_for_function("Number(document.querySelector('#f-tokens').textContent) >= 5", timeout=120_000)
+        page.click("#stop")
+        page.wait_for_function("window.edgepack.done !== null", timeout=60_000)
+        state = page.evaluate("window.edgepack")
+        page.close()
+    assert state["done"]["stopped"] is True and state["status"] == "stopped"
+    assert 5 <= state["done"]["count"] < 2000
+
+
+@pytest.fixture(scope="module")
+def tiny_web(tiny_models, tmp_path_factory) -> tuple[Path, str]:
+    """A tiny Llama's web target (fp32, q4dq, q4, fp16), exported by the CLI: small enough for SwiftShader's WebGPU.
+    (onnxruntime-web 1.30's WebGPU runs no 8-bit MatMulNBits, and its blockwise 4-bit DequantizeLinear gave garbage
+    logits here, so q4 / q4f16 / q8 / q4dq are offered disabled on WebGPU; fp16 needs shader-f16.)"""
+    out = tmp_path_factory.mktemp("tiny-dist")
+    exported = subprocess.run([sys.executable, "-m", "edgepack", "export", "--model", str(tiny_models["llama"]),
+                               "--target", "web", "--variant", "fp32", "q4dq", "q4", "fp16", "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr
+    (slug,) = [p.name for p in out.iterdir() if p.is_dir()]
+    return out, slug
+
+
+def test_the_page_on_webgpu_generates_the_onnx_runners_tokens(tiny_web):
+    dist, slug = tiny_web
+    prompt = "Tell me about the sea."
+    with Browser(webgpu=True) as browser, serve(dist) as url:
+        state = browser.chat(url, model=slug, engine="webgpu", prompt=prompt, n=32, temperature=0, ids=1)
+    variant = state["loaded"]["variant"]  # the page's WebGPU default: fp32 on SwiftShader (no shader-f16)
+    assert state["caps"]["webgpu"] is True and state["loaded"]["engine"] == "webgpu"
+    runner = open_runner(artifact(dist, slug, "web", variant))
+    print(f"\n{variant} on WebGPU ({state['caps']['adapter']}): "
+          f"{assert_same_greedy(runner, runner.encode(prompt), state['done']['ids'])}")
+
+
+def test_webgpu_offers_only_what_the_adapter_and_onnxruntime_web_run(tiny_web):
+    dist, slug = tiny_web
+    with Browser(webgpu=True) as browser, serve(dist) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/?model={slug}&engine=webgpu")
+        page.wait_for_function("window.edgepack.caps !== null && document.querySelector('#variant option')")
+        caps = page.evaluate("window.edgepack.caps")
+        options = page.eval_on_selector_all("#variant option", "os => os.map(o => [o.value, o.disabled, o.textContent])")
+        page.close()
+    by_name = {value: (disabled, text) for value, disabled, text in options}
+    assert by_name["q4"][0] is True and "8-bit MatMulNBits" in by_name["q4"][1]
+    assert by_name["q4dq"][0] is True and by_name["fp32"][0] is False
+    if caps["shaderF16"]:
+        pytest.skip(f"this adapter ({caps['adapter']}) has shader-f16: fp16 is offered")
+    assert by_name["fp16"][0] is True and "no shader-f16" in by_name["fp16"][1]
+
+
+def test_two_hundred_concurrent_range_requests_on_a_large_artifact(dist, default_source):
+    path = f"/models/{default_source.slug}/web/onnx/model_q4.onnx"
+    data = (dist / default_source.slug / "web" / "onnx" / "model_q4.onnx").read_bytes()
+    size = len(data)
+
+    def fetch(url: str, i: int) -> bool:
+        start = (i * 7_919_993) % (size - 1_000_000)
+        request = urllib.request.Request(url + path, headers={"Range": f"bytes={start}-{start + 999_999}"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status == 206 and response.read() == data[start:start + 1_000_000]
+
+    with serve(dist) as url, concurrent.futures.ThreadPoolExecutor(max_workers=200) as pool:
+        results = list(pool.map(lambda i: fetch(url, i), range(200)))
+    assert all(results)
