@@ -231,9 +231,9 @@ def cmd_report(args) -> int:
 
 def _bench_browser(args, source, folder, console) -> int:
     """The page in headless Chromium: its default engine and variant against stock wllama on the anchor GGUF."""
-    from edgepack.artifacts import read_manifest, write_json
+    from edgepack.artifacts import read_manifest
     from edgepack.runtime.bench import anchor_artifact
-    from edgepack.runtime.report import REPORT, load_report
+    from edgepack.runtime.report import set_report_section
     from edgepack.web.browser import browser_bench
 
     if read_manifest(folder / "web") is None:
@@ -241,9 +241,7 @@ def _bench_browser(args, source, folder, console) -> int:
     with console.status("benchmarking the page in headless Chromium…"):
         result = browser_bench(Path(args.out), source.slug, anchor_artifact().files[0])
     result["run"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report = load_report(folder)
-    report["browser"] = result
-    write_json(folder / REPORT, report)
+    set_report_section(folder, "browser", result)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.artifacts import Artifact, read_manifest
+from edgepack.artifacts import Artifact, artifacts_in
 from edgepack.runtime import open_runner
 from edgepack.web import NODE_MODULES
 from edgepack.web.browser import Browser, chromium_path, serve
@@ -26,9 +26,7 @@ SHOTS = Path(__file__).resolve().parent / "output"
 
 
 def artifact(dist: Path, slug: str, target: str, variant: str) -> Artifact:
-    folder = dist / slug / target
-    entry = next(a for a in read_manifest(folder)["artifacts"] if a["variant"] == variant)
-    return Artifact(target, entry["format"], variant, folder, tuple(folder / f["path"] for f in entry["files"]))
+    return next(a for a in artifacts_in(dist / slug) if a.target == target and a.variant == variant)
 
 
 def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], limit: int = 32) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 
 from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
-from edgepack.exporters.base import Exporter, register
+from edgepack.exporters.base import Exporter, eos_ids, register
 from edgepack.model.offset_linear import with_offset_linears
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
@@ -185,12 +184,6 @@ def model_info(model, eos_ids: list[int]) -> dict:
     }
 
 
-def _eos_ids(folder: Path) -> list[int]:
-    gen = folder / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 def save(mlmodel, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_stderr():
@@ -229,7 +222,7 @@ class CoreMLExporter(Exporter):
         if variant not in FILE_NAMES:
             raise EdgepackError(f"coreml: unknown variant '{variant}'; valid: {', '.join(FILE_NAMES)}")
         fp16 = self._mlmodel(source, target, offsets=False)
-        write_json(out / MODEL_INFO, model_info(self._model, _eos_ids(source.path)))
+        write_json(out / MODEL_INFO, model_info(self._model, eos_ids(source.path)))
         path = out / FOLDER / FILE_NAMES[variant]
         if variant == "fp16":
             files = [save(fp16, path)]

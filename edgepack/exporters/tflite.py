@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-import json
 import logging
 import shutil
 import tempfile
@@ -37,7 +36,7 @@ from torch import nn
 
 from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
-from edgepack.exporters.base import Exporter, register
+from edgepack.exporters.base import Exporter, eos_ids, register
 from edgepack.model.offset_linear import with_offset_linears
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
@@ -218,12 +217,6 @@ def model_info(model, prefill_length: int, eos_ids: list[int]) -> dict:
     }
 
 
-def _eos_ids(folder: Path) -> list[int]:
-    gen = folder / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    return [eos] if isinstance(eos, int) else list(eos or [])
-
-
 @register
 class TfliteExporter(Exporter):
     format = "tflite"
@@ -258,7 +251,7 @@ class TfliteExporter(Exporter):
         if variant not in FILE_NAMES:
             raise EdgepackError(f"tflite: unknown variant '{variant}'; valid: {', '.join(FILE_NAMES)}")
         fp32 = self._converted(source, target, offsets=False)
-        write_json(out / MODEL_INFO, model_info(self._model, PREFILL_LENGTH, _eos_ids(source.path)))
+        write_json(out / MODEL_INFO, model_info(self._model, PREFILL_LENGTH, eos_ids(source.path)))
         path = out / FOLDER / FILE_NAMES[variant]
         path.parent.mkdir(parents=True, exist_ok=True)
         if variant == "fp32":

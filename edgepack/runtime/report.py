@@ -38,6 +38,13 @@ def update_report(model_folder: Path, slug: str, artifact: Artifact, section: st
     write_json(Path(model_folder) / REPORT, report)
 
 
+def set_report_section(model_folder: Path, key: str, data: dict) -> None:
+    """Store a model-wide section (bench --browser's figures) in report.json."""
+    report = load_report(model_folder)
+    report[key] = data
+    write_json(Path(model_folder) / REPORT, report)
+
+
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB"
 
