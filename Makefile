@@ -7,7 +7,8 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-1
 WEB     := edgepack/web
 # llama.cpp's own llama-imatrix and llama-quantize, built from the same llama-cpp-python sdist the Python
 # package compiled (it vendors the full llama.cpp source): the cpu target's importance-matrix quantization
-# needs them, because the quantize parameters' imatrix is a C++ map that ctypes cannot build.
+# needs them, because the quantize parameters' imatrix is a C++ map that ctypes cannot build. The same sdist's
+# convert_hf_to_gguf.py writes the base GGUF (edgepack fetches it into its cache if this copy is missing).
 TOOLS   := $(VENV)/llama.cpp
 # tflite-runtime 2.14, the older TFLite package apps still name, in its own NumPy-1 environment (it fails to import
 # beside NumPy 2): validate reports whether each .tflite loads and runs there.
@@ -52,6 +53,9 @@ $(TOOLS)/bin/llama-quantize: | $(STAMP)
 	  -DLLAMA_BUILD_SERVER=OFF -DBUILD_SHARED_LIBS=OFF
 	cmake --build $(TOOLS)/build --target llama-imatrix llama-quantize -j$$(nproc)
 	cp $(TOOLS)/build/bin/llama-imatrix $(TOOLS)/build/bin/llama-quantize $(TOOLS)/bin/
+	# llama.cpp's own converter (the cpu target's base GGUF), kept from the same sdist
+	mkdir -p $(TOOLS)/convert && cd $(TOOLS)/src/llama_cpp_python-*/vendor/llama.cpp && \
+	  cp -r convert_hf_to_gguf.py conversion gguf-py $(CURDIR)/$(TOOLS)/convert/
 	rm -rf $(TOOLS)/src $(TOOLS)/build
 
 $(LEGACY)/bin/tflite-ok: | $(STAMP)

@@ -14,7 +14,12 @@ CHATML = (
 )
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
-# family -> config overrides; "llama3" exercises Llama 3's rope scaling, qwen3 an explicit head_dim.
+# The one table of tiny test models: kind -> config overrides. Every per-family test is parametrized over it
+# (FAMILY_KINDS), so a family added here is exercised by every target. "llama3" exercises Llama 3's rope scaling,
+# qwen3 an explicit head_dim; phi3 fused weights, partial rotary (a rotary width onnxruntime's attention takes:
+# a multiple of 16) and LongRoPE (short factors: the context stays within original_max_position_embeddings); gemma3 Gemma 3 1B's layout (5 sliding : 1 full layers, local rotary
+# base, (1 + w) sandwich norms, GeGLU, scaled embeddings) with a window of 8 tokens, which every parity prompt
+# passes. query_pre_attn_scalar equals head_dim, as in Gemma 3 270M/1B (llama.cpp assumes it does).
 TINY = {
     "llama": {"model_type": "llama", "tie_word_embeddings": True},
     "llama3": {"model_type": "llama", "tie_word_embeddings": False, "rope_theta": 500000.0,
@@ -22,10 +27,26 @@ TINY = {
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
     "qwen2": {"model_type": "qwen2", "tie_word_embeddings": False},
     "qwen3": {"model_type": "qwen3", "tie_word_embeddings": True, "head_dim": 32},
+    "phi3": {"model_type": "phi3", "tie_word_embeddings": False, "partial_rotary_factor": 0.75,
+             "hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,  # head_dim 64, rotary 48
+             "max_position_embeddings": 8192, "original_max_position_embeddings": 2048,
+             "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.02 * i**1.5 for i in range(24)],
+                              "long_factor": [1.0 + 0.3 * i**1.5 for i in range(24)]}},
+    "gemma3": {"model_type": "gemma3_text", "tie_word_embeddings": True, "num_hidden_layers": 6, "head_dim": 32,
+               "query_pre_attn_scalar": 32, "sliding_window": 8, "rope_theta": 1000000.0,
+               "rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh"},
 }
+FAMILY_KINDS = list(TINY)
+TOKENIZER_CLASS = {"phi3": "GPT2Tokenizer"}  # as Phi-4-mini's (llama.cpp's converter reads it)
+# llama.cpp sets token attributes on <s>, </s>, <unk> of any model whose name contains "phi3", and fails to load
+# a vocabulary without them: Phi-3's own has them.
+EXTRA_SPECIAL = {"phi3": ("<s>", "</s>", "<unk>")}
+# Parameters that start constant (biases at 0, Gemma's norm weights at 0 for its 1 + w) are made random, so a
+# mistake in loading them shows.
+RANDOMIZED = {"qwen2": ("_proj.bias",), "gemma3": ("norm.weight",)}
 
 
-def build_tokenizer(folder: Path) -> int:
+def build_tokenizer(folder: Path, tokenizer_class: str = "PreTrainedTokenizerFast", extra: tuple = ()) -> int:
     """A small byte-level BPE trained on edgepack's own parity texts, with ChatML specials; returns vocab size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -36,12 +57,12 @@ def build_tokenizer(folder: Path) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL + list(extra),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([texts["passage"], *texts["chat"], "user assistant system"] * 4, trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+        "tokenizer_class": tokenizer_class, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
         "bos_token": None, "unk_token": None, "add_bos_token": False, "chat_template": CHATML,
     }))
     return tok.get_vocab_size()
@@ -51,20 +72,17 @@ def build_tiny_model(folder: Path, kind: str, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(folder)
-    overrides = dict(TINY[kind])
-    model_type = overrides.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6,
-        initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2, **overrides,
-    )
+    vocab = build_tokenizer(folder, TOKENIZER_CLASS.get(kind, "PreTrainedTokenizerFast"), EXTRA_SPECIAL.get(kind, ()))
+    settings = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+                "rms_norm_eps": 1e-6, "initializer_range": 0.2, "bos_token_id": 1, "eos_token_id": 2,
+                "pad_token_id": 2} | TINY[kind]
+    config = AutoConfig.for_model(**settings)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if model_type == "qwen2":  # random biases, so a mistake in loading them shows
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.2)
+    for name, param in model.named_parameters():
+        if name.endswith(RANDOMIZED.get(kind, ())):
+            torch.nn.init.normal_(param, std=0.2)
     model.save_pretrained(folder, safe_serialization=True)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=2).save_pretrained(folder)
     return folder

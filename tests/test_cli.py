@@ -74,3 +74,70 @@ def test_a_bundle_verifies_and_reports_tampering(tmp_path, tiny_llama):
     (bundle / "src/main/assets/model_int8.tflite").write_bytes(b"\x01" * 64)
     (bundle / "extra.txt").write_text("x")
     assert verify_bundle(bundle) == ["sha256 mismatch: src/main/assets/model_int8.tflite", "not in manifest: extra.txt"]
+
+
+# The plain variant of every target, held to the issue's parity bars (quantized variants of random tiny models are
+# judged against their plain baselines in each target's own tests, not against the default model's bars).
+PLAIN_TARGETS = """
+[web]
+context_length = 2048
+[web.onnx]
+runner = "onnxruntime"
+variants = ["fp32"]
+thresholds = { fp32 = { max_abs_logit = 1e-3, min_greedy = 1.0 } }
+[ios]
+context_length = 2048
+[ios.coreml]
+runner = "coreml"
+variants = ["fp16"]
+thresholds = { fp16 = { max_kl = 2e-3, min_top1 = 0.9 } }  # fp16 compute: phi3 (wider) KL 8e-4, top-1 0.953
+[android]
+context_length = 2048
+[android.tflite]
+runner = "litert"
+variants = ["fp32"]
+thresholds = { fp32 = { max_abs_logit = 1e-3, min_greedy = 1.0 } }
+[cpu]
+context_length = 2048
+[cpu.gguf]
+runner = "llama.cpp"
+variants = ["F16"]
+thresholds = { F16 = { max_kl = 1e-4 } }
+"""
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gemma3"])
+def test_a_new_family_exports_to_every_target_validates_and_chats_on_cpu(tiny_models, tmp_path, kind):
+    """gemma3's parity prompts are all longer than its 8-token window: every target's sliding layers are used."""
+    targets = tmp_path / "targets.toml"
+    targets.write_text(PLAIN_TARGETS)
+    model = str(tiny_models[kind])
+    common = ("--model", model, "--targets", str(targets), "--out", str(tmp_path / "dist"))
+    exported = edgepack("export", "--target", "all", *common)
+    assert exported.returncode == 0, exported.stderr
+    validated = edgepack("validate", *common)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+    for target in ("web/onnx/fp32", "ios/coreml/fp16", "android/tflite/fp32", "cpu/gguf/F16"):
+        assert f"{target}: " in validated.stdout + validated.stderr
+    ran = edgepack("run", "--target", "cpu", "--variant", "F16", "--prompt", "What is the capital of France?",
+                   "--max-new-tokens", "8", *common)
+    assert ran.returncode == 0 and len(ran.stdout) > 1, ran.stderr  # a random model may stream whitespace only
+
+
+@pytest.mark.parametrize("kind, change, feature", [
+    ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+    ("phi3", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
+])
+def test_an_unsupported_feature_is_one_error_naming_it_and_nothing_is_written(tiny_models, tmp_path, kind, change,
+                                                                              feature):
+    import shutil
+
+    folder = tmp_path / f"odd-{kind}"
+    shutil.copytree(tiny_models[kind], folder)
+    config = json.loads((folder / "config.json").read_text()) | change
+    (folder / "config.json").write_text(json.dumps(config))
+    out = edgepack("export", "--model", str(folder), "--target", "all", "--out", str(tmp_path / "dist"))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1 and feature in lines[0], out.stderr
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").rglob("*.*"))

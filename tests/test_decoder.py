@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from edgepack.model.decoder import causal_mask
 from edgepack.model.weights import load_decoder
+
+from conftest import FAMILY_KINDS
 
 TOLERANCE = 1e-4
 
@@ -20,21 +21,22 @@ def _max_diff_over_decode(folder, prompt: list[int], steps: int = 16, capacity: 
         ids = torch.tensor([prompt])
         out = ref(ids, use_cache=True)
         positions = torch.arange(len(prompt))
-        logits = ours(ids, positions, causal_mask(positions, capacity))
+        logits = ours(ids, positions)
         diffs.append((logits - out.logits).abs().max().item())
         past, token = out.past_key_values, out.logits[0, -1].argmax()
         for step in range(steps):
             out = ref(token.view(1, 1), past_key_values=past, use_cache=True)
             past = out.past_key_values
             position = torch.tensor([len(prompt) + step])
-            logits = ours(token.view(1, 1), position, causal_mask(position, capacity))
+            logits = ours(token.view(1, 1), position)
             diffs.append((logits - out.logits).abs().max().item())
             token = out.logits[0, -1].argmax()
     return diffs
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_reference_decoder_matches_transformers_for_each_family(tiny_models, kind):
+    # 9 prompt tokens + 16 steps: past gemma3's window of 8, so its sliding layers are exercised
     diffs = _max_diff_over_decode(tiny_models[kind], [5, 17, 42, 99, 7, 3, 250, 11, 64])
     assert len(diffs) == 17
     assert max(diffs) <= TOLERANCE, diffs
@@ -52,9 +54,8 @@ def test_cache_passed_as_tensors_gives_the_same_logits_as_cache_in_buffers(tiny_
     v = torch.zeros(model.cache_shape())
     with torch.inference_mode():
         for positions, ids in ((torch.arange(5), [[3, 4, 5, 6, 7]]), (torch.tensor([5]), [[8]])):
-            mask = causal_mask(positions, 32)
-            stateful = model(torch.tensor(ids), positions, mask)
-            functional, k, v = model(torch.tensor(ids), positions, mask, k, v)
+            stateful = model(torch.tensor(ids), positions)
+            functional, k, v = model(torch.tensor(ids), positions, k, v)
             assert torch.equal(stateful, functional)
     assert torch.equal(k, model.k_cache) and torch.equal(v, model.v_cache)
 
@@ -63,9 +64,9 @@ def test_reset_clears_the_cache(tiny_llama):
     model = load_decoder(tiny_llama, context_length=16)
     with torch.inference_mode():
         positions = torch.arange(3)
-        first = model(torch.tensor([[5, 6, 7]]), positions, causal_mask(positions, 16))
-        model(torch.tensor([[9]]), torch.tensor([3]), causal_mask(torch.tensor([3]), 16))
+        first = model(torch.tensor([[5, 6, 7]]), positions)
+        model(torch.tensor([[9]]), torch.tensor([3]))
         model.reset()
         assert not model.k_cache.any()
-        again = model(torch.tensor([[5, 6, 7]]), positions, causal_mask(positions, 16))
+        again = model(torch.tensor([[5, 6, 7]]), positions)
     assert torch.equal(first, again)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from edgepack.artifacts import Artifact, artifacts_in
@@ -20,9 +21,16 @@ from edgepack.runtime.reference import source_artifact
 from edgepack.source import resolve
 from edgepack.targets import load_targets
 
+from conftest import FAMILY_KINDS
+
 pytest.importorskip("llama_cpp", reason="the cpu target needs llama-cpp-python (make install builds it)")
 
 CPU = load_targets().targets["cpu"]
+
+
+def smallest_margin(ref) -> float:
+    """The reference's smallest gap between its top two logits along its greedy answers."""
+    return min(float(np.diff(np.sort(logits, axis=-1)[:, -2:], axis=-1).min()) for logits in ref.logits)
 
 
 def export(folder, tmp_path, variants=("F16",)) -> list[Artifact]:
@@ -31,13 +39,15 @@ def export(folder, tmp_path, variants=("F16",)) -> list[Artifact]:
     return artifacts_in(tmp_path / source.slug)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_llama_cpp_runs_each_family_like_the_reference(tiny_models, tmp_path, kind):
     artifacts = {a.variant: a for a in export(tiny_models[kind], tmp_path, ("F32", "F16"))}
     reference = open_runner(source_artifact(resolve(str(tiny_models[kind]))))
     ref = trace_reference(reference, max_new_tokens=16)
     exact = measure(open_runner(artifacts["F32"]), ref)  # llama.cpp keeps its KV cache in F16 even here
-    assert exact["kl"] <= 1e-5 and exact["max_abs_logit"] <= 0.05 and exact["greedy"] == 1.0, exact
+    assert exact["kl"] <= 1e-5 and exact["max_abs_logit"] <= 0.05, exact
+    # greedy equal, unless the reference itself has a top-2 gap that this difference can flip (phi3: 0.014)
+    assert exact["greedy"] == 1.0 or smallest_margin(ref) < 2 * exact["max_abs_logit"], exact
     half = measure(open_runner(artifacts["F16"]), ref)
     assert half["kl"] <= 1e-4, half
     if kind in ("llama", "qwen2"):  # random tiny models have near-ties an fp16 rounding may flip; these have none

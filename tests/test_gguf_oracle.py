@@ -1,13 +1,11 @@
-"""The cpu target against llama.cpp's own toolchain: convert_hf_to_gguf.py (from the llama-cpp-python sdist on
-PyPI, used as an oracle and never copied here) and llama-quantize give the same tensors as edgepack."""
+"""The cpu target against llama.cpp's own toolchain: the plain convert_hf_to_gguf.py command (from the
+llama-cpp-python sdist on PyPI; edgepack runs the same script for its base file) and llama-quantize give the same
+tensors and tokenizer as edgepack's export."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,27 +14,14 @@ import pytest
 pytest.importorskip("llama_cpp", reason="the cpu target needs llama-cpp-python (make install builds it)")
 
 from edgepack.exporters import export_target  # noqa: E402
-from edgepack.exporters.gguf import gguf_file_name, quantize  # noqa: E402
-from edgepack.source import cache_root  # noqa: E402
+from edgepack.exporters.gguf import CONVERT_SCRIPT, convert_dir, gguf_file_name, quantize  # noqa: E402
 from edgepack.targets import load_targets  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def convert_script() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py from the sdist of the installed llama-cpp-python (downloaded once)."""
-    version = importlib.metadata.version("llama_cpp_python")
-    root = cache_root() / "oracle" / f"llama_cpp_python-{version}"
-    script = root / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if not script.is_file():
-        with tempfile.TemporaryDirectory() as tmp:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", "-d", tmp,
-                            f"llama-cpp-python=={version}"], check=True, capture_output=True, timeout=600)
-            (sdist,) = Path(tmp).glob("*.tar.gz")
-            wanted = ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion/", "vendor/llama.cpp/gguf-py/")
-            with tarfile.open(sdist) as tar:
-                members = [m for m in tar.getmembers() if m.name.split("/", 1)[-1].startswith(wanted)]
-                tar.extractall(root.parent, members=members, filter="data")
-    return script
+    """llama.cpp's convert_hf_to_gguf.py from the sdist of the installed llama-cpp-python, run here as is."""
+    return convert_dir() / CONVERT_SCRIPT
 
 
 def _tensors(path: Path) -> dict:

@@ -21,6 +21,8 @@ from edgepack.runtime.reference import source_artifact
 from edgepack.source import resolve
 from edgepack.targets import load_targets
 
+from conftest import FAMILY_KINDS
+
 pytest.importorskip("onnxruntime", reason="the web target needs onnxruntime (pip install -e . installs it)")
 
 TARGETS = load_targets().targets
@@ -41,7 +43,7 @@ def cli(*args, out: Path, timeout=1200):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_fp32_graph_equals_the_reference_for_each_family(tiny_models, tmp_path, kind):
     artifacts = export(tiny_models[kind], tmp_path, plan={"onnx": ["fp32", "q4"]})
     ref = trace_reference(open_runner(source_artifact(resolve(str(tiny_models[kind])))), max_new_tokens=16)

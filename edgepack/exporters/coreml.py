@@ -31,75 +31,37 @@ from torch import nn
 
 from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
-from edgepack.exporters.base import Exporter, eos_ids, register
+from edgepack.exporters.base import Exporter, register
+from edgepack.model.cache import StateCache
+from edgepack.model.decoder import RMSNorm
 from edgepack.model.offset_linear import with_offset_linears
+from edgepack.model_info import MODEL_INFO, coreml_info, eos_ids
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
 
 FOLDER = "coreml"
-MODEL_INFO = "model_info.json"
 FILE_NAMES = {"fp16": "model_fp16.mlpackage", "int4": "model_int4.mlpackage", "int8": "model_int8.mlpackage"}
 BLOCK = 32
 
 
-def fp16_safe_rms_norm(norm, x):
-    """RMSNorm that cannot overflow in fp16: the default model's residual stream reaches values whose squares pass
-    fp16's 65504 (the plain form then returns zeros on a GPU computing in fp16). With s = max|x| per row and
-    y = x / s (so |y| ≤ 1): x / rms(x) = y / sqrt(mean(y²) + eps / s²), eps / s² written as (√eps / s)²."""
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-4)
-    y = x / s
-    return norm.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + (norm.eps**0.5 / s).pow(2)))
-
-
 class StatefulDecoder(nn.Module):
-    """The reference decoder's weights with the cache in fp16 buffers that Core ML turns into state."""
+    """The reference decoder with the cache in fp16 buffers that Core ML turns into state, and fp16-safe norms."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
-        cfg = model.cfg
-        self.group = cfg.num_heads // cfg.num_kv_heads
-        shape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.fp16_safe = True
+        self.register_buffer("k_cache", torch.zeros(model.cache_shape(), dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(model.cache_shape(), dtype=torch.float16))
 
     def forward(self, input_ids, causal_mask):
-        m = self.model
-        steps, end = input_ids.shape[1], causal_mask.shape[-1]
-        past = end - steps
-        positions = torch.arange(past, end, dtype=torch.float32)
-        freqs = positions[:, None] * m.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-        mask = causal_mask.float().repeat(1, 1, self.group, 1)  # [1, 1, group·T, E]
-        x = m.embed(input_ids)
-        for i, layer in enumerate(m.layers):
-            x = x + self._attention(i, layer.attn, fp16_safe_rms_norm(layer.attn_norm, x), cos, sin, mask, past, end)
-            x = x + layer.mlp(fp16_safe_rms_norm(layer.mlp_norm, x))
-        return m.lm_head(fp16_safe_rms_norm(m.norm, x))
-
-    def _attention(self, i, attn, x, cos, sin, mask, past, end):
-        cfg = attn.cfg
-        steps = x.shape[1]
-        q = attn.q(x).view(1, steps, cfg.num_heads, cfg.head_dim)
-        k = attn.k(x).view(1, steps, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v(x).view(1, steps, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = fp16_safe_rms_norm(attn.q_norm, q), fp16_safe_rms_norm(attn.k_norm, k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        half = cfg.head_dim // 2
-        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
-        k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
-        self.k_cache[i:i + 1, :, :, past:end] = k.half()[None]
-        self.v_cache[i:i + 1, :, :, past:end] = v.half()[None]
-        keys = self.k_cache[i, :, :, :end].float()  # [1, kv, E, D]
-        values = self.v_cache[i, :, :, :end].float()
-        # query heads grouped per KV head: [1, kv, group·T, D]; head h reads KV head h // group, as in repeat_kv
-        q = q.reshape(1, cfg.num_kv_heads, self.group * steps, cfg.head_dim) * cfg.head_dim**-0.5
-        probs = torch.softmax(q @ keys.transpose(-1, -2) + mask, dim=-1)
-        out = (probs @ values).reshape(1, cfg.num_heads, steps, cfg.head_dim).transpose(1, 2).reshape(1, steps, -1)
-        return attn.o(out)
+        end = causal_mask.shape[-1]
+        past = end - input_ids.shape[1]
+        cache = StateCache(self.k_cache, self.v_cache, causal_mask, past, end)
+        return self.model.lm_head(self.model.hidden(input_ids, torch.arange(past, end), cache))
 
 
 def _coremltools():
@@ -166,24 +128,6 @@ def quantize(mlmodel, variant: str, plain: bool = False):
         return cto.linear_quantize_weights(mlmodel, config=config)
 
 
-def model_info(model, eos_ids: list[int]) -> dict:
-    cfg = model.cfg
-    state = [cfg.num_layers, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
-    return {
-        "format": "coreml", "family": cfg.family, "minimum_deployment_target": "iOS18 / macOS15",
-        "context_length": cfg.context_length, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
-        "eos_token_ids": eos_ids,
-        "inputs": {"input_ids": {"shape": [1, "T"], "dtype": "int32"},
-                   "causal_mask": {"shape": [1, 1, "T", "E"], "dtype": "float16"}},
-        "outputs": {"logits": {"shape": [1, "T", cfg.vocab_size], "dtype": "float16"}},
-        "states": {"k_cache": {"shape": state, "dtype": "float16"}, "v_cache": {"shape": state, "dtype": "float16"}},
-        "usage": ("T = new tokens this call (the prompt for prefill, 1 for decode), E = tokens cached after it "
-                  f"(≤ {cfg.context_length}). causal_mask[0, 0, t, e] = 0 when e ≤ E − T + t, else -65504. Create "
-                  "the state once per conversation (MLModel.makeState()) and pass it to every prediction."),
-        "files": FILE_NAMES,
-    }
-
-
 def save(mlmodel, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with quiet_stderr():
@@ -222,7 +166,7 @@ class CoreMLExporter(Exporter):
         if variant not in FILE_NAMES:
             raise EdgepackError(f"coreml: unknown variant '{variant}'; valid: {', '.join(FILE_NAMES)}")
         fp16 = self._mlmodel(source, target, offsets=False)
-        write_json(out / MODEL_INFO, model_info(self._model, eos_ids(source.path)))
+        write_json(out / MODEL_INFO, coreml_info(self._model.cfg, eos_ids(source.path), FILE_NAMES))
         path = out / FOLDER / FILE_NAMES[variant]
         if variant == "fp16":
             files = [save(fp16, path)]

@@ -1,23 +1,20 @@
-"""cpu target: GGUF written with gguf-py's GGUFWriter, quantized by llama.cpp's own quantizer (llama_model_quantize)."""
+"""cpu target: GGUF converted by llama.cpp's own convert_hf_to_gguf.py, quantized by llama.cpp's own quantizer (llama_model_quantize)."""
 
 from __future__ import annotations
 
 import ctypes
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
-
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
-from edgepack.model.weights import read_hf_weights
 from edgepack.native import llama_cpp_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import FORMATS, TargetSpec
@@ -26,7 +23,6 @@ from edgepack.targets import FORMATS, TargetSpec
 # the plain quantizer already loses little (Q8_0 KL 0.005 on the default model).
 IMATRIX_VARIANTS = ("Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
 IMATRIX_FILE = "imatrix.gguf"
-GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}  # family -> gguf.MODEL_ARCH member
 
 # llama.cpp's pre-tokenizer names, recognized by the pre-tokenizer a Hugging Face tokenizer.json declares.
 # Regexes are the originals from the model families' tokenizer.json files (llama.cpp's llama-vocab.cpp
@@ -40,8 +36,13 @@ def gguf_file_name(source: Source, variant: str) -> str:
     return f"{source.slug}-{variant}.gguf"
 
 
-def pre_tokenizer_name(tok: dict, where: Path) -> str:
-    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, or one clear error."""
+def pre_tokenizer_name(tok: dict) -> str | None:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, read from its structure, or None.
+
+    llama.cpp's converter recognizes a pre-tokenizer by hashing the token ids of a test string, so a tokenizer
+    with a known pre-tokenizer but its own vocabulary (a retrained or extended one) is refused there; this is the
+    fallback edgepack hands it for such tokenizers only.
+    """
     pre = tok.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
@@ -51,124 +52,89 @@ def pre_tokenizer_name(tok: dict, where: Path) -> str:
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         regex = steps[0].get("pattern", {}).get("Regex")
-        if regex == _LLAMA3_REGEX:
-            return "llama-bpe"
-        if regex == _QWEN2_REGEX:
-            return "qwen2"
-    raise EdgepackError(f"{where}: pre-tokenizer {kinds} has no llama.cpp equivalent edgepack knows; "
-                        "GGUF cannot express this tokenizer (supported: GPT-2, SmolLM, Llama 3, Qwen2 byte-level BPE)")
+        return {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}.get(regex)
+    return None
 
 
-def llama3_rope_factors(config: dict, head_dim: int) -> np.ndarray:
-    """rope_freqs for Llama 3's long-context scaling, as llama.cpp expects them (1 / scale per frequency)."""
-    scaling = config["rope_scaling"]
-    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
-    old_context = scaling.get("original_max_position_embeddings", 8192)
-    freqs = 1.0 / (config.get("rope_theta", 10000.0) ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    factors = []
-    for freq in freqs:
-        wavelen = 2 * math.pi / freq
-        if wavelen < old_context / high:
-            factors.append(1.0)
-        elif wavelen > old_context / low:
-            factors.append(factor)
-        else:
-            smooth = (old_context / wavelen - low) / (high - low)
-            factors.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(factors, dtype=np.float32)
+def convert_dir() -> Path:
+    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/ folders, from the sdist of the installed
+    llama-cpp-python (which vendors llama.cpp whole): $EDGEPACK_LLAMA_CONVERT, the venv's llama.cpp/convert (make
+    install keeps it there), or the cache, where it is fetched from PyPI on first use."""
+    import importlib.metadata
+
+    from edgepack.source import cache_root
+
+    version = importlib.metadata.version("llama_cpp_python")
+    cached = cache_root() / f"llama.cpp-convert-{version}"
+    for folder in (os.environ.get("EDGEPACK_LLAMA_CONVERT"), Path(sys.prefix) / "llama.cpp" / "convert", cached):
+        if folder and (Path(folder) / CONVERT_SCRIPT).is_file():
+            return Path(folder)
+    print(f"edgepack: fetching llama.cpp's converter (llama-cpp-python {version} sdist) into {cached}", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                              "-d", tmp, f"llama-cpp-python=={version}"], capture_output=True, text=True)
+        sdists = list(Path(tmp).glob("*.tar.gz"))
+        if got.returncode != 0 or not sdists:
+            raise EdgepackError(f"cannot fetch llama.cpp's converter ({(got.stderr.strip().splitlines() or ['?'])[-1]}); "
+                                "run make install, or set EDGEPACK_LLAMA_CONVERT to a llama.cpp checkout")
+        with tarfile.open(sdists[0]) as tar:
+            wanted = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
+                      and m.name.split("/vendor/llama.cpp/", 1)[1].startswith((CONVERT_SCRIPT, "conversion/", "gguf-py/"))]
+            for member in wanted:
+                member.name = member.name.split("/vendor/llama.cpp/", 1)[1]
+            tar.extractall(Path(tmp) / "convert", members=wanted, filter="data")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        if not (cached / CONVERT_SCRIPT).is_file():  # another process may have fetched it meanwhile
+            shutil.rmtree(cached, ignore_errors=True)
+            shutil.move(str(Path(tmp) / "convert"), cached)
+    return cached
 
 
-def _permute_for_llama_rope(w: np.ndarray, heads: int) -> np.ndarray:
-    """HF's rotate-half row order → llama.cpp's interleaved-pair order for Q/K projections (llama arch only)."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+CONVERT_SCRIPT = "convert_hf_to_gguf.py"
+# Runs llama.cpp's converter unchanged, except that a byte-level BPE tokenizer whose test-string hash it does not
+# know gets the pre-tokenizer edgepack read from its structure (argv[5]; empty: keep the converter's refusal).
+_CONVERT_DRIVER = """
+import runpy, sys
+script_dir, model, outtype, outfile, fallback = sys.argv[1:6]
+sys.path[:0] = [script_dir, script_dir + "/gguf-py"]
+from conversion import base
+recognized = base.TextModel.get_vocab_base_pre
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return recognized(self, tokenizer)
+    except NotImplementedError:
+        if not fallback:
+            raise
+        return fallback
+base.TextModel.get_vocab_base_pre = get_vocab_base_pre
+sys.argv = [script_dir + "/convert_hf_to_gguf.py", model, "--outtype", outtype, "--outfile", outfile]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def write_base_gguf(source: Source, path: Path, outtype: str) -> None:
-    """Write the whole model as an F32 or F16 GGUF: metadata, tokenizer, and every tensor under llama.cpp's names.
-
-    Tensor types follow llama.cpp's converter: 1-D tensors and norms in F32, matrices in `outtype`.
-    """
+    """The whole model as an F32 or F16 GGUF, written by llama.cpp's own convert_hf_to_gguf.py (every family
+    llama.cpp knows, SentencePiece and BPE tokenizers, its tensor layouts and metadata)."""
+    tok_file = source.path / "tokenizer.json"
+    tok = json.loads(tok_file.read_text(encoding="utf-8")) if tok_file.is_file() else {}
+    fallback = pre_tokenizer_name(tok) if tok.get("model", {}).get("type") == "BPE" else None
+    done = subprocess.run([sys.executable, "-c", _CONVERT_DRIVER, str(convert_dir()), str(source.path),
+                           outtype.lower(), str(path), fallback or ""], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        if any("pre-tokenizer was not recognized" in line for line in lines):
+            raise EdgepackError(f"{tok_file}: llama.cpp's converter does not know this tokenizer's pre-tokenizer and "
+                                "edgepack recognizes no llama.cpp equivalent: GGUF cannot express this tokenizer "
+                                "(supported: SentencePiece, and GPT-2, SmolLM, Llama 3, Qwen2 byte-level BPE)")
+        if any("No space left" in line or "File too large" in line for line in lines):
+            raise OSError(28, "no space left writing " + path.name)
+        raise EdgepackError(f"llama.cpp's convert_hf_to_gguf.py failed on {source.path} ({lines[-1][:200]})")
     import gguf
 
-    config = source.config
-    family = source.family
-    arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[family.name])
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    layers = config["num_hidden_layers"]
-    tok_file = source.path / "tokenizer.json"
-    tok = json.loads(tok_file.read_text(encoding="utf-8"))
-    if tok["model"]["type"] != "BPE" or tok["model"].get("byte_fallback"):
-        raise EdgepackError(f"{tok_file}: a {tok['model']['type']} tokenizer"
-                            f"{' with byte fallback (SentencePiece-style)' if tok['model'].get('byte_fallback') else ''}"
-                            " is not supported by the gguf exporter yet; only byte-level BPE tokenizers are")
-    pre = pre_tokenizer_name(tok, tok_file)
-
-    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(source.slug)
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if outtype == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    # Tokenizer: every id up to the model's vocab size, with llama.cpp's token types.
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(tok_file)).get_vocab(with_added_tokens=True)
-    by_id = {i: t for t, i in vocab.items()}
-    specials = {t["id"]: t.get("special", False) for t in tok.get("added_tokens", [])}
-    tokens, types = [], []
-    for i in range(config["vocab_size"]):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL if i not in specials else
-                         gguf.TokenType.CONTROL if specials[i] else gguf.TokenType.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(source.path, load_merges=True, n_vocab=len(tokens))
-    special.chat_template = source.tokenizer_config().get("chat_template", special.chat_template)
-    special.add_to_gguf(writer)
-
-    # Tensors, named through gguf-py's own HF → GGUF table.
-    names = gguf.get_tensor_name_map(arch, layers)
-    weights = read_hf_weights(source.path)
-    if config.get("tie_word_embeddings"):
-        weights.pop("lm_head.weight", None)
-    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                          llama3_rope_factors(config, head_dim))
-    for hf_name, tensor in weights.items():
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise EdgepackError(f"{source.path}: tensor {hf_name} has no llama.cpp name for {family.name}")
-        data = tensor.float().numpy()
-        if family.rope_layout == "norm" and hf_name.endswith("self_attn.q_proj.weight"):
-            data = _permute_for_llama_rope(data, heads)
-        elif family.rope_layout == "norm" and hf_name.endswith("self_attn.k_proj.weight"):
-            data = _permute_for_llama_rope(data, kv_heads)
-        keep_f32 = data.ndim <= 1 or name.endswith("_norm.weight") or outtype == "F32"
-        writer.add_tensor(name, data if keep_f32 else data.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    arch = gguf.GGUFReader(path).fields["general.architecture"].contents()
+    if arch != source.family.gguf_arch:
+        raise EdgepackError(f"llama.cpp's converter wrote a '{arch}' GGUF for a {source.family.name} model "
+                            f"(expected '{source.family.gguf_arch}'); edgepack's runner would not match it")
 
 
 def ftype_for(variant: str) -> int:

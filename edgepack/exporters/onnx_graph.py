@@ -6,10 +6,16 @@ of graph, but 0.18 imports transformers 5.x classes while this environment pins 
 ~8x slower to decode here) that onnxruntime's transformer optimizer does not fuse for Llama's rotary attention.
 The graph below is what the builder emits for a CPU/WebGPU decoder, in ~150 lines:
 
-    Gather(embedding) → per layer: [Skip]SimplifiedLayerNormalization → MatMul(packed QKV) [+ bias]
-    [→ per-head q/k RMSNorm] → GroupQueryAttention(rotary inside, causal, KV cache in/out) → MatMul(o)
-    → SkipSimplifiedLayerNormalization → MatMul(gate), MatMul(up) → x·sigmoid(x)·up → MatMul(down)
+    Gather(embedding) [· scale] → per layer: [Skip]SimplifiedLayerNormalization → MatMul(packed QKV) [+ bias]
+    [→ per-head q/k RMSNorm] → GroupQueryAttention(rotary inside, causal, [window,] KV cache in/out) → MatMul(o)
+    [→ SimplifiedLayerNormalization] → SkipSimplifiedLayerNormalization → MatMul(gate), MatMul(up)
+    → act(gate)·up → MatMul(down) [→ SimplifiedLayerNormalization]
     → final SkipSimplifiedLayerNormalization → MatMul(lm_head) → logits (float32)
+
+Every bracket is a DecoderConfig fact, not a family: the rotary width (GroupQueryAttention reads it from the
+cos/sin caches' width), the rotary base per layer (a second cache pair for local layers), the window per layer
+(local_window_size), the attention scale, the activation (silu, or gelu tanh as FastGelu), the embedding
+scale and the sandwich norms. Norm weights arrive already in their final form ((1 + w) folded by the weight table).
 
 Interface (what transformers.js and onnxruntime-genai feed a decoder): inputs input_ids [batch, seq] int64,
 attention_mask [batch, past + seq] int64, position_ids [batch, seq] int64, past_key_values.{i}.key/value
@@ -24,6 +30,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from edgepack.errors import EdgepackError
 from edgepack.model.decoder import Decoder
 
 OPSET = 21
@@ -57,10 +64,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
 
 
-def rotary_caches(model: Decoder, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin caches [positions, head_dim/2] from the decoder's own inverse frequencies (Llama 3 scaling included)."""
-    freqs = torch.outer(torch.arange(positions, dtype=torch.float32), model.inv_freq.float())
-    return freqs.cos().numpy(), freqs.sin().numpy()
+def rotary_caches(model: Decoder, positions: int, local: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin caches [positions, rotary_dim/2] from the decoder's own rotary (scaling and attention factor in)."""
+    cos, sin = model.rotary(torch.arange(positions), local)
+    half = cos.shape[-1] // 2
+    return cos[:, :half].numpy(), sin[:, :half].numpy()
 
 
 def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bool = False,
@@ -70,6 +78,10 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
     embed_fp16 stores the embedding table in fp16 and casts the gathered rows (half the bytes; a token reads
     one row, so speed does not change)."""
     cfg = model.cfg
+    if cfg.rotary_dim % 16:
+        raise EdgepackError(f"onnx: a rotary width of {cfg.rotary_dim} (partial_rotary_factor × head_dim) is not one "
+                            "onnxruntime's GroupQueryAttention computes (it needs a multiple of 16); export another "
+                            "target for this model")
     g = _Graph(float_type)
     kvh, heads, dim = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
     past_dims = ["batch_size", kvh, "past_sequence_length", dim]
@@ -96,9 +108,11 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
     g.weight("scalar_shape", np.array([], dtype=np.int64), keep_dtype=True)
     (total_len,) = g.node("Reshape", [total_1d, "scalar_shape"], name="total_sequence_length")
 
-    cos, sin = rotary_caches(model, cfg.context_length)
-    g.weight("cos_cache", cos)
-    g.weight("sin_cache", sin)
+    for prefix, local in (("", False), ("local_", True)):
+        if not local or model.local_inv_freq is not None:
+            cos, sin = rotary_caches(model, cfg.context_length, local)
+            g.weight(f"{prefix}cos_cache", cos)
+            g.weight(f"{prefix}sin_cache", sin)
 
     embed = _np(model.embed.weight)
     if embed_fp16 and g.float != np.float16:
@@ -107,6 +121,8 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
         (x,) = g.node("Cast", [x], to=g.elem, name="embed/Cast")
     else:
         (x,) = g.node("Gather", [g.weight("model.embed_tokens.weight", embed), "input_ids"], name="embed")
+    if cfg.embed_scale != 1.0:
+        (x,) = g.node("Mul", [x, g.weight("embed_scale", np.array(cfg.embed_scale))], name="embed/scale")
     eps = cfg.rms_norm_eps
     residual = None
     hidden = x
@@ -120,6 +136,11 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
         out, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [h, res, w], 4, name=name, domain=MS,
                                    epsilon=eps)
         return out, summed
+
+    def plain_norm(h, weight, name):
+        w = g.weight(name + ".weight", _np(weight))
+        (out,) = g.node("SimplifiedLayerNormalization", [h, w], name=name, axis=-1, epsilon=eps, stash_type=1)
+        return out
 
     def linear(h, weight, name, bias=None):
         (out,) = g.node("MatMul", [h, g.weight(name + ".weight", _np(weight).T)], name=name + "/MatMul")
@@ -145,31 +166,40 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
             for t, n, module in ((q, "q", attn.q_norm), (k, "k", attn.k_norm)):
                 shape, flat = (f"{p}.q_heads", f"{p}.q_flat") if n == "q" else (f"{p}.kv_heads", f"{p}.kv_flat")
                 (t,) = g.node("Reshape", [t, shape], name=f"{p}.self_attn.{n}_to_heads")
-                w = g.weight(f"{p}.self_attn.{n}_norm.weight", _np(module.weight))
-                (t,) = g.node("SimplifiedLayerNormalization", [t, w], name=f"{p}.self_attn.{n}_norm", axis=-1,
-                              epsilon=eps, stash_type=1)
+                t = plain_norm(t, module.weight, f"{p}.self_attn.{n}_norm")
                 (t,) = g.node("Reshape", [t, flat], name=f"{p}.self_attn.{n}_from_heads")
                 normed_qk.append(t)
             qkv_inputs = [*normed_qk, v]
         else:
             qkv_inputs = [qkv, "", ""]  # packed: GroupQueryAttention splits q, k and v itself
+        rope = "local_" if cfg.local_rope(i) else ""
+        window = cfg.window(i)
         attn_out, _, _ = g.node(
             "GroupQueryAttention",
             [*qkv_inputs, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-             "cos_cache", "sin_cache", "position_ids"],
+             f"{rope}cos_cache", f"{rope}sin_cache", "position_ids"],
             [f"{p}.self_attn/out", f"present.{i}.key", f"present.{i}.value"],
             name=f"{p}.self_attn.GroupQueryAttention", domain=MS,
-            num_heads=heads, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(dim) ** -0.5,
+            num_heads=heads, kv_num_heads=kvh, do_rotary=1, rotary_interleaved=0, scale=float(cfg.attn_scale),
+            # measured on a tiny Gemma 3: onnxruntime's CPU kernel then masks exactly as transformers does
+            local_window_size=window or -1,
         )
         hidden = linear(attn_out, attn.o.weight, f"{p}.self_attn.o_proj")
-        normed, residual = norm(hidden, residual, layer.mlp_norm.weight, f"{p}.post_attention_layernorm")
+        if cfg.sandwich_norms:
+            hidden = plain_norm(hidden, layer.post_attn_norm.weight, f"{p}.post_attention_norm")
+        normed, residual = norm(hidden, residual, layer.mlp_norm.weight, f"{p}.pre_feedforward_layernorm")
         mlp = layer.mlp
         gate = linear(normed, mlp.gate.weight, f"{p}.mlp.gate_proj")
         up = linear(normed, mlp.up.weight, f"{p}.mlp.up_proj")
-        (sig,) = g.node("Sigmoid", [gate], name=f"{p}.mlp.act/Sigmoid")
-        (act,) = g.node("Mul", [gate, sig], name=f"{p}.mlp.act/Mul")
+        if cfg.activation == "silu":
+            (sig,) = g.node("Sigmoid", [gate], name=f"{p}.mlp.act/Sigmoid")
+            (act,) = g.node("Mul", [gate, sig], name=f"{p}.mlp.act/Mul")
+        else:  # gelu_pytorch_tanh: FastGelu is onnxruntime's tanh approximation of GELU
+            (act,) = g.node("FastGelu", [gate], name=f"{p}.mlp.act/FastGelu", domain=MS)
         (prod,) = g.node("Mul", [act, up], name=f"{p}.mlp.Mul")
         hidden = linear(prod, mlp.down.weight, f"{p}.mlp.down_proj")
+        if cfg.sandwich_norms:
+            hidden = plain_norm(hidden, layer.post_mlp_norm.weight, f"{p}.post_feedforward_layernorm")
 
     normed, _ = norm(hidden, residual, model.norm.weight, "model.norm")
     if cfg.tie_word_embeddings and not untie_lm_head:

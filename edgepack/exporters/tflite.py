@@ -36,76 +36,38 @@ from torch import nn
 
 from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
-from edgepack.exporters.base import Exporter, eos_ids, register
+from edgepack.exporters.base import Exporter, register
+from edgepack.model.cache import ReadOnlyCache
 from edgepack.model.offset_linear import with_offset_linears
+from edgepack.model_info import MODEL_INFO, eos_ids, input_names, tflite_info
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
 
 FOLDER = "tflite"
-MODEL_INFO = "model_info.json"
 PREFILL_LENGTH = 128
 FILE_NAMES = {"fp32": "model_fp32.tflite", "int8": "model_int8.tflite", "int4": "model_int4.tflite"}
 
 
 class Signatures(nn.Module):
-    """The reference decoder's weights, run the way the .tflite's signatures run them (see the module docstring)."""
+    """The reference decoder run the way the .tflite's signatures run it (see the module docstring)."""
 
     def __init__(self, model, with_length: bool):
         super().__init__()
         self.model = model
         self.with_length = with_length
-        cfg = model.cfg
-        self.layers, self.kv_heads, self.head_dim = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-        self.group = cfg.num_heads // cfg.num_kv_heads
+        self.layers = model.cfg.num_layers
 
     def forward(self, tokens, position, **inputs):
         """tokens [1, T] int32, position [1] int32, (length [1] int32,) k_0…k_{L-1}, v_0…v_{L-1} (named inputs)."""
-        m = self.model
-        length = inputs.get("length")
-        k_caches = [inputs[f"k_{i}"] for i in range(self.layers)]
-        v_caches = [inputs[f"v_{i}"] for i in range(self.layers)]
-        steps, capacity = tokens.shape[1], k_caches[0].shape[2]
-        positions = position + torch.arange(steps, dtype=torch.int32)
-        freqs = positions.float()[:, None] * m.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
-        floor = torch.finfo(torch.float32).min
-        old = torch.where(torch.arange(capacity, dtype=torch.int32)[None, :] < position, 0.0, floor)  # [1, C]
-        new = torch.full((steps, steps), floor).triu(1)  # causal within this step's tokens
-        mask = torch.cat((old.expand(steps, capacity), new), dim=-1).repeat(self.group, 1)  # [group·T, C + T]
-        x = m.embed(tokens)
-        k_new, v_new = [], []
-        for layer, k_cache, v_cache in zip(m.layers, k_caches, v_caches):
-            attn, k, v = self._attention(layer.attn, layer.attn_norm(x), cos, sin, mask, k_cache, v_cache)
-            x = x + attn
-            x = x + layer.mlp(layer.mlp_norm(x))
-            k_new.append(k)
-            v_new.append(v)
-        if length is not None:  # the logits after the last real token only: lm_head on one row, not P
-            x = x.index_select(1, length - 1)
-        return {"logits": m.lm_head(m.norm(x))[:, -1], "k_new": torch.stack(k_new), "v_new": torch.stack(v_new)}
-
-    def _attention(self, attn, x, cos, sin, mask, k_cache, v_cache):
-        cfg = attn.cfg
-        steps = x.shape[1]
-        q = attn.q(x).view(1, steps, cfg.num_heads, cfg.head_dim)
-        k = attn.k(x).view(1, steps, cfg.num_kv_heads, cfg.head_dim)
-        v = attn.v(x).view(1, steps, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if cfg.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        half = cfg.head_dim // 2
-        q = q * cos + torch.cat((-q[..., half:], q[..., :half]), -1) * sin
-        k = k * cos + torch.cat((-k[..., half:], k[..., :half]), -1) * sin
-        # query heads grouped per KV head: [1, kv, group·T, D]; head h reads KV head h // group, as in repeat_kv
-        q = q.reshape(1, self.kv_heads, self.group * steps, self.head_dim) * self.head_dim**-0.5
-        scores = torch.cat((q @ k_cache.transpose(-1, -2), q @ k.transpose(-1, -2)), dim=-1) + mask
-        probs = torch.softmax(scores, dim=-1)
-        capacity = k_cache.shape[2]
-        out = probs[..., :capacity] @ v_cache + probs[..., capacity:] @ v  # [1, kv, group·T, D]
-        out = out.reshape(1, cfg.num_heads, steps, self.head_dim).transpose(1, 2).reshape(1, steps, -1)
-        return attn.o(out), k, v
+        cache = ReadOnlyCache([inputs[f"k_{i}"] for i in range(self.layers)],
+                              [inputs[f"v_{i}"] for i in range(self.layers)], position, tokens.shape[1])
+        positions = position + torch.arange(tokens.shape[1], dtype=torch.int32)
+        x = self.model.hidden(tokens, positions, cache)
+        if self.with_length:  # the logits after the last real token only: lm_head on one row, not P
+            x = x.index_select(1, inputs["length"] - 1)
+        return {"logits": self.model.lm_head(x)[:, -1], "k_new": torch.stack(cache.keys),
+                "v_new": torch.stack(cache.values)}
 
 
 def sample_inputs(model, steps: int, with_length: bool) -> dict[str, torch.Tensor]:
@@ -117,11 +79,6 @@ def sample_inputs(model, steps: int, with_length: bool) -> dict[str, torch.Tenso
         values["length"] = torch.tensor([steps], dtype=torch.int32)
     # a clone each: inputs given as one shared tensor would be traced as one input
     return values | {name: cache.clone() for name in input_names(cfg.num_layers, with_length)[len(values):]}
-
-
-def input_names(layers: int, with_length: bool) -> list[str]:
-    return ["tokens", "position", *(["length"] if with_length else []),
-            *[f"k_{i}" for i in range(layers)], *[f"v_{i}" for i in range(layers)]]
 
 
 def convert(model, path: Path, prefill_length: int) -> Path:
@@ -158,6 +115,9 @@ def recipe(variant: str, plain: bool = False):
 
     fc, embedding = qtyping.TFLOperationName.FULLY_CONNECTED, qtyping.TFLOperationName.EMBEDDING_LOOKUP
     manager = recipe_manager.RecipeManager()  # a later entry overrides an earlier one for the tensors it matches
+    # With one KV head (Gemma 3 1B) attention's q·kᵀ has no batch and lowers to FULLY_CONNECTED whose "weight" is
+    # the cache: its output is named after the Attention module itself, not one of its Linears. Left alone.
+    attention_scores = ".*Attention_attn;[^/]*$"
     if plain:
         manager.add_dynamic_config(regex=".*", operation_name=fc, num_bits=4,
                                    granularity=qtyping.QuantGranularity.BLOCKWISE_32)
@@ -174,6 +134,7 @@ def recipe(variant: str, plain: bool = False):
                                         algorithm_key=AlgorithmName.NO_QUANTIZE)
         manager.add_dynamic_config(regex=".*logits.*", operation_name=fc, num_bits=8)
         manager.add_dynamic_config(regex=".*", operation_name=embedding, num_bits=8)
+    manager.add_quantization_config(regex=attention_scores, operation_name=fc, algorithm_key=AlgorithmName.NO_QUANTIZE)
     return manager.get_quantization_recipe()
 
 
@@ -187,34 +148,6 @@ def quantize(src: Path, quant_recipe, dest: Path) -> Path:
     with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):  # it prints a size summary per model
         q.quantize().export_model(str(dest), overwrite=True)
     return dest
-
-
-def model_info(model, prefill_length: int, eos_ids: list[int]) -> dict:
-    cfg = model.cfg
-    cache = [1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
-    layers = cfg.num_layers
-
-    def signature(steps, with_length):
-        shapes = {"tokens": [1, steps], "position": [1], **({"length": [1]} if with_length else {})}
-        shapes |= {name: cache for name in input_names(layers, with_length)[len(shapes):]}
-        return {
-            "inputs": {n: {"shape": s, "dtype": "float32" if n[0] in "kv" else "int32"} for n, s in shapes.items()},
-            "outputs": {"logits": {"shape": [1, cfg.vocab_size], "dtype": "float32"},
-                        "k_new": {"shape": [layers, 1, cfg.num_kv_heads, steps, cfg.head_dim], "dtype": "float32"},
-                        "v_new": {"shape": [layers, 1, cfg.num_kv_heads, steps, cfg.head_dim], "dtype": "float32"}},
-        }
-
-    return {
-        "format": "tflite", "family": cfg.family, "context_length": cfg.context_length,
-        "prefill_length": prefill_length, "num_layers": layers, "num_kv_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "eos_token_ids": eos_ids,
-        "signatures": {"prefill": signature(prefill_length, True), "decode": signature(1, False)},
-        "usage": ("Prompt longer than prefill_length: call prefill on chunks of it with position = chunk start. "
-                  "prefill pads tokens after `length`. After each call write k_new[l][:, :, :n] / v_new[l] into "
-                  "inputs k_l / v_l at slots position..position+n-1 (n = length, or 1 for decode); the graph "
-                  "reads the cache, it does not return it."),
-        "files": FILE_NAMES,
-    }
 
 
 @register
@@ -251,7 +184,7 @@ class TfliteExporter(Exporter):
         if variant not in FILE_NAMES:
             raise EdgepackError(f"tflite: unknown variant '{variant}'; valid: {', '.join(FILE_NAMES)}")
         fp32 = self._converted(source, target, offsets=False)
-        write_json(out / MODEL_INFO, model_info(self._model, PREFILL_LENGTH, eos_ids(source.path)))
+        write_json(out / MODEL_INFO, tflite_info(self._model.cfg, PREFILL_LENGTH, eos_ids(source.path), FILE_NAMES))
         path = out / FOLDER / FILE_NAMES[variant]
         path.parent.mkdir(parents=True, exist_ok=True)
         if variant == "fp32":

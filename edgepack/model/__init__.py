@@ -1,5 +1,5 @@
-"""Reference decoders (plain PyTorch, edgepack/model/decoder.py) and each family's facts (families.py).
+"""The model math, once: each family's facts (families.py, config.py), rotary frequencies (rope.py), the decoder
+blocks (decoder.py), KV-cache strategies (cache.py) and weight loading (weights.py).
 
-Kept free of imports so that reading a family's facts does not load torch; import from the modules:
-edgepack.model.decoder (Decoder, causal_mask), edgepack.model.weights (load_decoder, read_hf_weights).
+Kept free of imports so that reading a family's facts does not load torch.
 """

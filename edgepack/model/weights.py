@@ -1,58 +1,74 @@
-"""Weight loading: a Hugging Face folder's safetensors mapped onto the reference decoder."""
+"""Weight loading: a Hugging Face folder's safetensors mapped onto the reference decoder through the family's table."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from edgepack.errors import EdgepackError
-from edgepack.model.decoder import Decoder, DecoderConfig, rope_inv_freq
-from edgepack.model.families import family_for, hf_to_decoder_names
+from edgepack.model.config import DecoderConfig, read_config
+from edgepack.model.decoder import Decoder
+from edgepack.model.families import expand, family_for
 
 
-def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's *.safetensors files, by Hugging Face name."""
+def safetensors_files(folder: Path) -> list[Path]:
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise EdgepackError(f"{folder}: no *.safetensors weights; save the model with safe_serialization=True")
-    weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    return files
+
+
+def iter_hf_weights(folder: Path):
+    """(name, tensor) for every tensor of a folder's safetensors files, one at a time (memory-mapped)."""
+    for file in safetensors_files(folder):
         try:
-            weights.update(load_file(file))
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
         except (SafetensorError, OSError) as exc:
             raise EdgepackError(f"{file}: corrupt safetensors file ({exc}); re-save or re-download it") from None
-    return weights
 
 
-def load_decoder(folder: str | Path, context_length: int | None = None, dtype=torch.float32) -> Decoder:
-    """The reference decoder with a folder's weights, cache capacity context_length (default: the model's)."""
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    cfg = DecoderConfig.from_hf(config, context_length)
-    names = hf_to_decoder_names(family_for(config, str(folder / "config.json")), cfg.num_layers)
-    weights = read_hf_weights(folder)
+def decoder_state(folder: Path, cfg: DecoderConfig, family) -> dict[str, torch.Tensor]:
+    """The reference decoder's parameters from a checkpoint, through the family's weight table (renames, fused
+    tensors split, (1 + w) norms)."""
+    table = expand(family, cfg.num_layers)
     if cfg.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-        names.pop("lm_head.weight")
-    missing = sorted(set(names) - set(weights))
-    unexpected = sorted(set(weights) - set(names))
+        table.pop("lm_head.weight", None)
+    state, seen, unexpected = {}, set(), []
+    for name, tensor in iter_hf_weights(folder):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        rule = table.get(name)
+        if rule is None:
+            unexpected.append(name)
+            continue
+        seen.add(name)
+        state.update({rule: tensor} if isinstance(rule, str) else rule.apply(tensor, cfg))
+    missing = sorted(set(table) - seen)
     if missing or unexpected:
         raise EdgepackError(
             f"{folder}: weights do not match a {cfg.family} model of this config "
-            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]}); check config.json against the weights"
-        )
+            f"(missing: {missing[:3]}, unexpected: {sorted(unexpected)[:3]}); check config.json against the weights")
+    return state
+
+
+def load_decoder(folder: str | Path, context_length: int | None = None) -> Decoder:
+    """The reference decoder (fp32) with a folder's weights, cache capacity context_length (default: the model's)."""
+    folder = Path(folder)
+    config = read_config(folder)
+    family = family_for(config)
+    cfg = DecoderConfig.from_hf(config, context_length)
     with torch.device("meta"):
         model = Decoder(cfg)
-    state = {names[hf]: tensor for hf, tensor in weights.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    state = {k: v.float() for k, v in decoder_state(folder, cfg, family).items()}
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    # Buffers were built on the meta device with the module; make them real.
-    model.inv_freq = rope_inv_freq(cfg)
-    model.k_cache = torch.zeros(model.cache_shape())
-    model.v_cache = torch.zeros(model.cache_shape())
-    return model.to(dtype).eval()
+    model.init_buffers()  # built on the meta device with the module; make them real
+    return model.eval()
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import platform
 from pathlib import Path
 
@@ -17,10 +16,10 @@ import numpy as np
 
 from edgepack.artifacts import Artifact
 from edgepack.errors import EdgepackError
+from edgepack.model_info import MODEL_INFO, read_model_info
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
 
-MODEL_INFO = "model_info.json"
 MASKED = np.float16(-65504.0)
 
 
@@ -153,10 +152,7 @@ class CoreMLRunner(Runner):
         return "Linux: validated through edgepack's MIL interpreter (NumPy, fp16 emulated); Core ML runs on macOS"
 
     def _load_model(self, artifact: Artifact) -> None:
-        info_path = artifact.dir / MODEL_INFO
-        if not info_path.is_file():
-            raise EdgepackError(f"{info_path}: missing; re-export the ios target")
-        self.info = json.loads(info_path.read_text())
+        self.info = read_model_info(artifact.dir, "ios")
         self.package = package_of(artifact.files[0])
         _, program, self.structure = load_checked(self.package, self.info)
         self.capacity = self.info["context_length"]

@@ -8,17 +8,16 @@ chunks.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from edgepack.artifacts import Artifact
 from edgepack.errors import EdgepackError
+from edgepack.model_info import read_model_info
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
 
-MODEL_INFO = "model_info.json"
 
 
 def open_interpreter(path, threads: int | None = None):
@@ -72,10 +71,7 @@ class LiteRTRunner(Runner):
         return f"validate also checks each .tflite on {LEGACY_RUNTIME}: {state}"
 
     def _load_model(self, artifact: Artifact) -> None:
-        info_path = artifact.dir / MODEL_INFO
-        if not info_path.is_file():
-            raise EdgepackError(f"{info_path}: missing; re-export the android target")
-        self.info = json.loads(info_path.read_text())
+        self.info = read_model_info(artifact.dir, "android")
         self.interpreter = open_interpreter(artifact.files[0])
         signatures = self.interpreter.get_signature_list()
         if set(signatures) != {"prefill", "decode"}:

@@ -77,6 +77,18 @@ def _cast(a):
     return a["x"].astype(kinds[str(a["dtype"])])
 
 
+def _gelu(a):
+    """MIL gelu: EXACT (erf), TANH_APPROXIMATION (Gemma's gelu_pytorch_tanh) or SIGMOID_APPROXIMATION."""
+    x, mode = a["x"], str(a.get("mode", "EXACT"))
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1.0 + np.exp(-1.702 * x))
+    from scipy.special import erf
+
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
 def _matmul(a):
     x, y = a["x"], a["y"]
     if a.get("transpose_x"):
@@ -115,6 +127,8 @@ OPS = {
     "cos": lambda a: np.cos(a["x"]),
     "sin": lambda a: np.sin(a["x"]),
     "silu": lambda a: a["x"] / (1.0 + np.exp(-a["x"])),
+    "gelu": _gelu,
+    "tanh": lambda a: np.tanh(a["x"]),
     "reduce_mean": lambda a: a["x"].mean(axis=_axes(a["axes"], a["x"].ndim), keepdims=bool(a.get("keep_dims"))),
     "reduce_sum": lambda a: a["x"].sum(axis=_axes(a["axes"], a["x"].ndim), keepdims=bool(a.get("keep_dims"))),
     "linear": lambda a: a["x"] @ a["weight"].T + (a["bias"] if a.get("bias") is not None else 0.0),

@@ -1,0 +1,126 @@
+"""KV-cache strategies: how a decoder layer stores this step's keys and values and which keys attention reads.
+
+Each has `attend(layer, q, k, v, window, scale) -> [1, T, heads · head_dim]`; q, k after the rotary embedding
+([1, heads, T, D], [1, kv heads, T, D]), v [1, kv heads, T, D]. The cache is a fixed-capacity buffer indexed by
+position (slot = position), so a sliding window is a mask over it: a query at position p sees slots
+p - window < s ≤ p. (A ring buffer would let sliding layers keep only `window` slots; every target here keeps
+one capacity for all layers, which costs memory on Gemma 3's local layers but keeps one cache layout.)
+
+    TensorCache     the cache passed in and returned (index_copy): the reference decoder
+    ReadOnlyCache   the cache is read, never written; this step's keys and values come out (TFLite signatures)
+    StateCache      buffers written in place, read up to the tokens in use (Core ML state)
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOOR = torch.finfo(torch.float32).min
+
+
+def attention(q, segments, visible, scale: float):
+    """Grouped-query attention over segments [(keys, values), …] concatenated along the sequence.
+
+    visible [T, S] (bool, or an additive float mask) says which of the S keys each query sees. Query heads are
+    grouped per KV head ([1, kv, group · T, D]; head h reads KV head h // group, as repeat_kv does), so the cache
+    is never repeated (a repeat copies it in TFLite); values are multiplied per segment, so the cache is never
+    concatenated either.
+    """
+    _, heads, steps, dim = q.shape
+    kv_heads = segments[0][0].shape[1]
+    group = heads // kv_heads
+    q = q.reshape(1, kv_heads, group * steps, dim) * scale
+    scores = torch.cat([q @ keys.transpose(-1, -2) for keys, _ in segments], dim=-1)
+    mask = visible if visible.dtype != torch.bool else torch.where(visible, 0.0, FLOOR)
+    probs = torch.softmax(scores + mask.repeat(group, 1), dim=-1)
+    out, start = 0, 0
+    for keys, values in segments:
+        out = out + probs[..., start:start + keys.shape[2]] @ values
+        start += keys.shape[2]
+    return out.reshape(1, heads, steps, dim).transpose(1, 2).reshape(1, steps, heads * dim)
+
+
+def in_window(query_positions, key_positions, window: int | None):
+    """[T, S] bool: key is not in the future of the query and, with a window, fewer than `window` back."""
+    back = query_positions[:, None] - key_positions[None, :]
+    seen = back >= 0
+    return seen if window is None else seen & (back < window)
+
+
+class _Masks:
+    """One mask per distinct window (full attention is window None), made on first use."""
+
+    def __init__(self, make):
+        self._make, self._made = make, {}
+
+    def __call__(self, window):
+        if window not in self._made:
+            self._made[window] = self._make(window)
+        return self._made[window]
+
+
+class TensorCache:
+    """Cache tensors [layers, 1, kv, C, D] updated with index_copy at `positions`: in place or as new tensors."""
+
+    def __init__(self, k_cache, v_cache, positions, inplace: bool):
+        self.k_cache, self.v_cache, self.inplace = k_cache, v_cache, inplace
+        self.positions = positions
+        slots = torch.arange(k_cache.shape[3], dtype=positions.dtype)
+        self.mask = _Masks(lambda window: in_window(positions, slots, window))
+        self.keys, self.values = [], []
+
+    def attend(self, layer, q, k, v, window, scale):
+        if self.inplace:
+            self.k_cache[layer].index_copy_(2, self.positions, k)
+            self.v_cache[layer].index_copy_(2, self.positions, v)
+            keys, values = self.k_cache[layer], self.v_cache[layer]
+        else:
+            keys = self.k_cache[layer].index_copy(2, self.positions, k)
+            values = self.v_cache[layer].index_copy(2, self.positions, v)
+        self.keys.append(keys)
+        self.values.append(values)
+        return attention(q, [(keys, values)], self.mask(window), scale)
+
+
+class ReadOnlyCache:
+    """Attention over [cache slots < position ; this step's tokens]; the step's keys and values are collected in
+    `keys` / `values` for the caller to write into the cache at `position` (TFLite's k_new / v_new)."""
+
+    def __init__(self, k_caches, v_caches, position, steps: int):
+        self.k_caches, self.v_caches = k_caches, v_caches
+        capacity = k_caches[0].shape[2]
+        slots = torch.arange(capacity, dtype=torch.int32)
+        queries = position + torch.arange(steps, dtype=torch.int32)
+        # cache slots at or after `position` hold nothing yet (or stale padding): never visible
+        old = lambda window: in_window(queries, slots, window) & (slots < position)[None, :]  # noqa: E731
+        self.mask = _Masks(lambda window: torch.cat((old(window), in_window(queries, queries, window)), dim=-1))
+        self.keys, self.values = [], []
+
+    def attend(self, layer, q, k, v, window, scale):
+        self.keys.append(k)
+        self.values.append(v)
+        segments = [(self.k_caches[layer], self.v_caches[layer]), (k, v)]
+        return attention(q, segments, self.mask(window), scale)
+
+
+class StateCache:
+    """fp16 buffers [layers, 1, kv, C, D] written in place at slots past..end-1, attention over slots 0..end-1.
+
+    causal_mask [1, 1, T, E] is the Core ML input (additive, fp16); a sliding window is added inside the graph.
+    """
+
+    def __init__(self, k_cache, v_cache, causal_mask, past, end):
+        self.k_cache, self.v_cache = k_cache, v_cache
+        self.past, self.end = past, end
+        given = causal_mask[0, 0].float()
+        queries = torch.arange(past, end, dtype=torch.int32)
+        slots = torch.arange(0, end, dtype=torch.int32)
+        windowed = lambda window: torch.where(in_window(queries, slots, window), given, FLOOR)  # noqa: E731
+        self.mask = _Masks(lambda window: given if window is None else windowed(window))
+
+    def attend(self, layer, q, k, v, window, scale):
+        self.k_cache[layer:layer + 1, :, :, self.past:self.end] = k.half()[None]
+        self.v_cache[layer:layer + 1, :, :, self.past:self.end] = v.half()[None]
+        keys = self.k_cache[layer, :, :, :self.end].float()
+        values = self.v_cache[layer, :, :, :self.end].float()
+        return attention(q, [(keys, values)], self.mask(window), scale)

@@ -1,0 +1,83 @@
+"""model_info.json, the contract between the mobile exporters, their runners and the app samples: one home.
+
+The tflite and coreml exporters write it beside their models; edgepack's LiteRT and Core ML runners and the
+Kotlin / Swift samples (mobile/templates) read it. Its fields are built here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgepack.errors import EdgepackError
+
+MODEL_INFO = "model_info.json"
+
+
+def read_model_info(folder: Path, target: str) -> dict:
+    """A target folder's model_info.json, or one error line saying how to get it back."""
+    path = Path(folder) / MODEL_INFO
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdgepackError(f"{path}: missing; re-export the {target} target") from None
+    except ValueError as exc:
+        raise EdgepackError(f"{path}: not valid JSON ({exc}); re-export the {target} target") from None
+
+
+def eos_ids(folder: Path) -> list[int]:
+    """The end-of-turn ids a source folder's generation_config.json names (for the model_info.json apps read)."""
+    gen = folder / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
+def input_names(layers: int, with_length: bool) -> list[str]:
+    return ["tokens", "position", *(["length"] if with_length else []),
+            *[f"k_{i}" for i in range(layers)], *[f"v_{i}" for i in range(layers)]]
+
+
+def tflite_info(cfg, prefill_length: int, eos_ids: list[int], files: dict[str, str]) -> dict:
+    """android/model_info.json: the .tflite signatures (see exporters/tflite.py), read by the runner and EdgepackLlm.kt."""
+    cache = [1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
+    layers = cfg.num_layers
+
+    def signature(steps, with_length):
+        shapes = {"tokens": [1, steps], "position": [1], **({"length": [1]} if with_length else {})}
+        shapes |= {name: cache for name in input_names(layers, with_length)[len(shapes):]}
+        return {
+            "inputs": {n: {"shape": s, "dtype": "float32" if n[0] in "kv" else "int32"} for n, s in shapes.items()},
+            "outputs": {"logits": {"shape": [1, cfg.vocab_size], "dtype": "float32"},
+                        "k_new": {"shape": [layers, 1, cfg.num_kv_heads, steps, cfg.head_dim], "dtype": "float32"},
+                        "v_new": {"shape": [layers, 1, cfg.num_kv_heads, steps, cfg.head_dim], "dtype": "float32"}},
+        }
+
+    return {
+        "format": "tflite", "family": cfg.family, "context_length": cfg.context_length,
+        "prefill_length": prefill_length, "num_layers": layers, "num_kv_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "eos_token_ids": eos_ids,
+        "signatures": {"prefill": signature(prefill_length, True), "decode": signature(1, False)},
+        "usage": ("Prompt longer than prefill_length: call prefill on chunks of it with position = chunk start. "
+                  "prefill pads tokens after `length`. After each call write k_new[l][:, :, :n] / v_new[l] into "
+                  "inputs k_l / v_l at slots position..position+n-1 (n = length, or 1 for decode); the graph "
+                  "reads the cache, it does not return it."),
+        "files": files,
+    }
+
+
+def coreml_info(cfg, eos_ids: list[int], files: dict[str, str]) -> dict:
+    """ios/model_info.json: the ML Program's interface (see exporters/coreml.py), read by the runner and EdgepackLlm.swift."""
+    state = [cfg.num_layers, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
+    return {
+        "format": "coreml", "family": cfg.family, "minimum_deployment_target": "iOS18 / macOS15",
+        "context_length": cfg.context_length, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+        "eos_token_ids": eos_ids,
+        "inputs": {"input_ids": {"shape": [1, "T"], "dtype": "int32"},
+                   "causal_mask": {"shape": [1, 1, "T", "E"], "dtype": "float16"}},
+        "outputs": {"logits": {"shape": [1, "T", cfg.vocab_size], "dtype": "float16"}},
+        "states": {"k_cache": {"shape": state, "dtype": "float16"}, "v_cache": {"shape": state, "dtype": "float16"}},
+        "usage": ("T = new tokens this call (the prompt for prefill, 1 for decode), E = tokens cached after it "
+                  f"(≤ {cfg.context_length}). causal_mask[0, 0, t, e] = 0 when e ≤ E − T + t, else -65504. Create "
+                  "the state once per conversation (MLModel.makeState()) and pass it to every prediction."),
+        "files": files,
+    }
