@@ -69,9 +69,9 @@ def check_package(package: Path, info: dict) -> dict:
 
 def load_checked(package: Path, info: dict):
     """spec, MIL program and structure facts of a saved .mlpackage; one error line when its structure is wrong."""
+    facts = check_package(package, info)  # imports coremltools quietly first (its Linux import prints 9 lines)
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
-    facts = check_package(package, info)
     spec = facts["spec"]
     try:
         program = milproto.load(spec, spec.specificationVersion, str(facts["weights"].parent))

@@ -165,6 +165,9 @@ def _np_type(var):
 
 def load_program(package: Path):
     """The ML Program of a saved .mlpackage, read with coremltools' own loader (works on Linux)."""
+    from edgepack.native import import_quietly
+
+    import_quietly("coremltools")  # its Linux import prints that Core ML's native proxies are missing
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto import load as milproto
 
