@@ -91,9 +91,9 @@ class ReadOnlyCache:
         capacity = k_caches[0].shape[2]
         slots = torch.arange(capacity, dtype=torch.int32)
         queries = position + torch.arange(steps, dtype=torch.int32)
-        # cache slots at or after `position` hold nothing yet (or stale padding): never visible
-        old = lambda window: in_window(queries, slots, window) & (slots < position)[None, :]  # noqa: E731
-        self.mask = _Masks(lambda window: torch.cat((old(window), in_window(queries, queries, window)), dim=-1))
+        filled = (slots < position)[None, :]  # slots at or after `position` hold nothing yet (or stale padding)
+        self.mask = _Masks(lambda window: torch.cat(
+            (in_window(queries, slots, window) & filled, in_window(queries, queries, window)), dim=-1))
         self.keys, self.values = [], []
 
     def attend(self, layer, q, k, v, window, scale):

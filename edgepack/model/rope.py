@@ -37,7 +37,8 @@ def inv_freq(cfg, local: bool = False):
 
     dim = cfg.rotary_dim
     theta = cfg.rope_local_theta if local else cfg.rope_theta
-    base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    base = 1.0 / (theta**exponents)
     scaling = {} if local else (cfg.rope_scaling or {})
     kind = rope_type(scaling)
     if kind == "default":
@@ -58,5 +59,4 @@ def inv_freq(cfg, local: bool = False):
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     ext = scaling["long_factor"] if cfg.context_length > original else scaling["short_factor"]
-    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    return 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta**shape), float(attention)
+    return 1.0 / (torch.tensor(ext, dtype=torch.float32) * theta**exponents), float(attention)

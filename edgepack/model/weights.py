@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 from edgepack.errors import EdgepackError
 from edgepack.model.config import DecoderConfig, read_config
 from edgepack.model.decoder import Decoder
-from edgepack.model.families import expand, family_for
+from edgepack.model.families import FAMILIES, expand
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -58,12 +58,10 @@ def decoder_state(folder: Path, cfg: DecoderConfig, family) -> dict[str, torch.T
 def load_decoder(folder: str | Path, context_length: int | None = None) -> Decoder:
     """The reference decoder (fp32) with a folder's weights, cache capacity context_length (default: the model's)."""
     folder = Path(folder)
-    config = read_config(folder)
-    family = family_for(config)
-    cfg = DecoderConfig.from_hf(config, context_length)
+    cfg = DecoderConfig.from_hf(read_config(folder), context_length)
     with torch.device("meta"):
         model = Decoder(cfg)
-    state = {k: v.float() for k, v in decoder_state(folder, cfg, family).items()}
+    state = {k: v.float() for k, v in decoder_state(folder, cfg, FAMILIES[cfg.family]).items()}
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
