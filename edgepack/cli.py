@@ -1,4 +1,4 @@
-"""edgepack's command line: export | validate | bench | run | report | serve | bundle | doctor."""
+"""edgepack's command line: export | validate | bench | run | report | serve | bundle | doctor | fleet | tools | targets."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def cmd_bench(args) -> int:
     from edgepack.artifacts import model_dir
     from edgepack.native import llama_cpp_missing
     from edgepack.runtime import RUNNERS
-    from edgepack.runtime.bench import anchor_artifact, bench_artifact, memory_read_bandwidth
+    from edgepack.runtime.bench import add_rooflines, anchor_artifact, bench_artifact, memory_read_bandwidth
     from edgepack.runtime.reference import source_artifact
     from edgepack.runtime.report import update_report
 
@@ -171,19 +171,27 @@ def cmd_bench(args) -> int:
         artifacts.insert(0, source_artifact(source))
     if any(a.target != "source" for a in artifacts) and not llama_cpp_missing():
         artifacts.append(anchor_artifact())  # every exported variant's speed as a ratio to llama.cpp, same run
-    bandwidth = memory_read_bandwidth()
-    console.print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    probes = [memory_read_bandwidth()]
     run_id = datetime.now(timezone.utc).isoformat(timespec="seconds")  # ratios only within one run
     results = {}
     for artifact in artifacts:
         with console.status(f"benchmarking {artifact.key}…"):
-            result = {**bench_artifact(artifact, bandwidth), "run": run_id}
-        update_report(folder, source.slug, artifact, "bench", result, bandwidth_gbs=round(bandwidth / 1e9, 2))
-        results[artifact.key] = result
+            results[artifact.key] = {**bench_artifact(artifact), "run": run_id}
         if not args.json:
+            result = results[artifact.key]
             console.print(f"{artifact.key}: load {result['load_s']:.2f} s, TTFT {result['ttft_s']:.3f} s, "
-                          f"{result['decode_tok_s']:.1f} tok/s ({100 * result['roofline_ratio']:.0f} % of roofline "
-                          f"{result['roofline_tok_s']:.0f}), peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")
+                          f"{result['decode_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")
+    probes.append(memory_read_bandwidth())
+    bandwidth = add_rooflines(list(results.values()), probes)
+    if not args.json:
+        console.print(f"memory read bandwidth: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['method']})")
+    for artifact in artifacts:
+        result = results[artifact.key]
+        update_report(folder, source.slug, artifact, "bench", result,
+                      bandwidth_gbs=round(bandwidth["bytes_per_s"] / 1e9, 2), bandwidth_method=bandwidth["method"])
+        if not args.json:
+            console.print(f"{artifact.key}: {100 * result['roofline_ratio']:.0f} % of roofline "
+                          f"{result['roofline_tok_s']:.0f} tok/s, {result['bound']}")
     anchor = next((r for k, r in results.items() if k.startswith("anchor/")), None)
     if anchor and not args.json:
         for key, result in results.items():
@@ -277,22 +285,72 @@ def cmd_bundle(args) -> int:
     return 0
 
 
-def cmd_doctor(args) -> int:
-    from edgepack.doctor import diagnose
-
-    rows = diagnose(_targets(args))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
+def _print_table(rows: list[dict], columns: tuple[str, ...]) -> None:
+    from rich.console import Console
     from rich.table import Table
 
-    table = Table("target", "format", "exporter", "runner", "notes")
+    table = Table()
+    for column in columns:
+        table.add_column(column, overflow="fold")  # paths in full
     for row in rows:
-        table.add_row(row["target"], row["format"], row["exporter"], row["runner"], row["notes"])
-    from rich.console import Console
-
+        table.add_row(*(row[c] for c in columns))
     Console(width=max(120, shutil.get_terminal_size().columns)).print(table)
+
+
+def cmd_doctor(args) -> int:
+    from edgepack.doctor import diagnose
+    from edgepack.tools import tool_rows
+
+    rows, tools = diagnose(_targets(args)), tool_rows()
+    if args.json:
+        print(json.dumps({"formats": rows, "tools": tools}, indent=2))
+        return 0
+    _print_table(rows, ("target", "format", "exporter", "runner", "notes"))
+    _print_table(tools, ("tool", "where", "for"))
     return 0
+
+
+def cmd_tools(args) -> int:
+    from edgepack.tools import build_all, tool_rows
+
+    if args.build:
+        build_all()
+    rows = tool_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        _print_table(rows, ("tool", "where", "for"))
+    return 0
+
+
+def cmd_targets(args) -> int:
+    """Print the targets matrix in use, or write the default one to a file for editing (then pass --targets)."""
+    from edgepack.targets import DEFAULT_TARGETS_FILE, load_targets
+
+    if args.write:
+        if args.write.exists() and not args.force:
+            raise EdgepackError(f"{args.write} exists; pass --force to overwrite it")
+        args.write.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(DEFAULT_TARGETS_FILE, args.write)
+        print(f"wrote {args.write}; edit it, then pass --targets {args.write}", file=sys.stderr)
+        return 0
+    targets = load_targets(args.targets)
+    print(f"# {targets.path}")
+    for spec in targets.targets.values():
+        for fmt in spec.formats.values():
+            print(f"{spec.name}\t{fmt.name}\t{' '.join(fmt.variants)}")
+    return 0
+
+
+def cmd_fleet(args) -> int:
+    from edgepack.fleet import read_fleet, run_fleet
+
+    fleet = read_fleet(args.fleet)
+    out = args.out or str(Path(args.fleet).resolve().parent / "dist")
+    summary = run_fleet(fleet, out, address=args.ray, retries=args.retries, bench_speed=not args.no_bench,
+                        log=_console().print)
+    failed = summary["failed"] or [c for c in summary["cells"] if not c["passed"]]
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", metavar="M", help="Hugging Face folder or .gguf file (default: embedded "
                            "SmolLM2-135M-Instruct)")
         if targets:
-            p.add_argument("--targets", metavar="FILE", help="targets file (default: the repository's targets.toml)")
+            p.add_argument("--targets", metavar="FILE", help="targets file (default: the one edgepack ships; edgepack targets --write FILE copies it)")
         if out:
             p.add_argument("--out", type=Path, default=DEFAULT_DIST, metavar="DIR", help="dist folder (default: dist)")
         return p
@@ -345,6 +403,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", metavar="DIR", help="re-hash a bundle folder against its manifest")
     p = command("doctor", cmd_doctor, "which exporters and runtimes work here, and why not", model=False, out=False)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = command("fleet", cmd_fleet, "export, validate and bench many models × targets as Ray tasks; one report",
+                model=False, targets=False, out=False)
+    p.add_argument("fleet", metavar="FLEET.toml", help="the models and targets (README: Many models)")
+    p.add_argument("--ray", metavar="ADDRESS", help="join this Ray cluster (default: a local Ray sized to this machine)")
+    p.add_argument("--out", metavar="DIR_OR_URL", help="where artifacts and fleet.html go: a folder shared by the "
+                   "nodes or an fsspec URL (s3://, gs://, file://); default: dist beside FLEET.toml")
+    p.add_argument("--retries", type=int, default=2, help="Ray retries of a task whose worker died (default 2)")
+    p.add_argument("--no-bench", action="store_true", help="export and validate only")
+    p = command("tools", cmd_tools, "the helper tools edgepack builds into its cache on first need (llama.cpp's "
+                "converter and quantizer tools, tflite-runtime 2.14's environment)", model=False, targets=False,
+                out=False)
+    p.add_argument("--build", action="store_true", help="build every missing one now")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p = command("targets", cmd_targets, "show the targets matrix, or write the default one to edit", model=False,
+                out=False)
+    p.add_argument("--write", type=Path, metavar="FILE", help="write the default targets.toml to FILE")
+    p.add_argument("--force", action="store_true", help="overwrite FILE")
     return parser
 
 

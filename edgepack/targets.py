@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgepack.errors import EdgepackError
 
-DEFAULT_TARGETS_FILE = Path(__file__).resolve().parent.parent / "targets.toml"
+DEFAULT_TARGETS_FILE = Path(__file__).resolve().parent / "targets.toml"  # package data: the default matrix
 
 # The vocabulary: every format, the target it belongs to, the runner that proves it and the variants it
 # accepts, spelled the way each ecosystem spells them (transformers.js dtypes, Core ML, llama.cpp types).

@@ -26,7 +26,9 @@ SHOTS = Path(__file__).resolve().parent / "output"
 
 
 def artifact(dist: Path, slug: str, target: str, variant: str) -> Artifact:
-    return next(a for a in artifacts_in(dist / slug) if a.target == target and a.variant == variant)
+    found = next((a for a in artifacts_in(dist / slug) if a.target == target and a.variant == variant), None)
+    assert found is not None, f"no {target} {variant} artifact under {dist / slug}"
+    return found
 
 
 def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], limit: int = 32) -> str:
@@ -43,7 +45,8 @@ def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], li
     for token in browser_ids[:-1]:
         logits.append(runner.decode(token))
     gaps = [float(row.max() - row[token]) for row, token in zip(logits, browser_ids, strict=True)]
-    first = next(i for i, (a, b) in enumerate(zip(python_ids, browser_ids)) if a != b)
+    first = next((i for i, (a, b) in enumerate(zip(python_ids, browser_ids)) if a != b), None)
+    assert first is not None, f"one answer stopped early: python {python_ids}; browser {browser_ids}"
     assert max(gaps) <= 0.1 and gaps[first] > 0, (
         f"first difference at token {first}; python {python_ids}; browser {browser_ids}; "
         f"browser token's gap to the top logit {[round(g, 3) for g in gaps]}")

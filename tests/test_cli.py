@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +27,25 @@ def test_run_on_the_source_answers_paris(default_source):
 
 def test_doctor_lists_every_target_with_its_state(capsys):
     assert main(["doctor", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    answer = json.loads(capsys.readouterr().out)
+    rows = answer["formats"]
     assert {r["target"] for r in rows} == {"source", "web", "ios", "android", "cpu"}
     # with the README's setup every exporter and runner is ready here (the source has no exporter)
     assert all(r["runner"] == "ready" and r["exporter"] in ("ready", "\u2014") for r in rows), rows
+    # and make install built every helper tool into the cache
+    assert len(answer["tools"]) == 3 and all(Path(t["where"]).exists() for t in answer["tools"]), answer["tools"]
+
+
+def test_targets_write_gives_the_default_matrix_to_edit(tmp_path, capsys):
+    from edgepack.targets import DEFAULT_TARGETS_FILE, load_targets
+
+    out = tmp_path / "mine.toml"
+    assert main(["targets", "--write", str(out)]) == 0
+    assert out.read_text() == DEFAULT_TARGETS_FILE.read_text()
+    assert main(["targets", "--write", str(out)]) == 2  # no silent overwrite
+    assert "pass --force" in capsys.readouterr().err
+    out.write_text(out.read_text().replace('"Q4_K_M", ', ""))
+    assert "Q4_K_M" not in load_targets(out).targets["cpu"].formats["gguf"].variants
 
 
 @pytest.mark.parametrize("args, message", [

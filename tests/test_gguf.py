@@ -176,22 +176,41 @@ def test_default_model_every_cpu_variant_exports_and_validates(default_source, t
     assert "Paris" in reply["choices"][0]["message"]["content"]
 
 
+# The export, stopped for good right after its first quantized file: the kill below lands mid-export every time,
+# instead of racing a poll against an export that may finish first.
+_STOP_AFTER_FIRST_QUANTIZE = """
+import pathlib, sys, time
+import edgepack.exporters.gguf as gguf
+real = gguf.quantize
+def quantize(*args):
+    real(*args)
+    pathlib.Path(sys.argv[1]).touch()
+    time.sleep(3600)
+gguf.quantize = quantize
+from edgepack.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_a_killed_export_leaves_no_manifest_and_no_complete_looking_folder(default_source, tmp_path):
     import os
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgepack", "export", "--target", "cpu", "--variant", "F16", "Q8_0",
-                             "Q4_K_M", "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    model = tmp_path / default_source.slug
-    deadline = time.monotonic() + 300
-    while not list(model.glob(".cpu.tmp-*/*.gguf")) and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the export finished before it could be interrupted"
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_AFTER_FIRST_QUANTIZE, str(stopped), "export", "--target",
+                             "cpu", "--variant", "F16", "Q8_0", "Q4_K_M", "--out", str(tmp_path / "out")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    model = tmp_path / "out" / default_source.slug
+    deadline = time.monotonic() + 600
+    while not stopped.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert stopped.exists() and proc.poll() is None, "the export did not reach its first quantized file"
+    assert list(model.glob(".cpu.tmp-*/*Q8_0.gguf"))  # mid-export: files written, no manifest yet
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (model / "cpu").exists()
     assert not list(model.rglob("manifest.json"))
     again = subprocess.run([sys.executable, "-m", "edgepack", "export", "--target", "cpu", "--variant", "Q4_0",
-                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in model.iterdir()) == ["cpu"]  # the leftover was swept

@@ -14,14 +14,15 @@ import pytest
 pytest.importorskip("llama_cpp", reason="the cpu target needs llama-cpp-python (make install builds it)")
 
 from edgepack.exporters import export_target  # noqa: E402
-from edgepack.exporters.gguf import CONVERT_SCRIPT, convert_dir, gguf_file_name, quantize  # noqa: E402
+from edgepack.exporters.gguf import gguf_file_name, quantize  # noqa: E402
+from edgepack.tools import CONVERT_SCRIPT, llama_convert_dir  # noqa: E402
 from edgepack.targets import load_targets  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def convert_script() -> Path:
     """llama.cpp's convert_hf_to_gguf.py from the sdist of the installed llama-cpp-python, run here as is."""
-    return convert_dir() / CONVERT_SCRIPT
+    return llama_convert_dir() / CONVERT_SCRIPT
 
 
 def _tensors(path: Path) -> dict:

@@ -37,12 +37,20 @@ def test_a_gguf_file_resolves_to_the_same_cached_folder_as_the_default(default_s
     assert resolve(str(default_gguf())).path == default_source.path
 
 
-def test_the_default_tokenizer_splits_digits_like_llama_cpp(default_source):
+def test_the_default_tokenizer_splits_like_llama_cpps_own(default_source):
+    """The tokenizer transformers rebuilt from the GGUF against llama.cpp's reading of the same file (vocab only)."""
+    import llama_cpp
     from transformers import AutoTokenizer
 
+    from edgepack.source import default_gguf
+
+    llm = llama_cpp.Llama(model_path=str(default_gguf()), vocab_only=True, verbose=False)
     tok = AutoTokenizer.from_pretrained(default_source.path)
-    assert tok("2024").input_ids == [34, 32, 34, 36]
-    assert tok.decode(tok(" Hello world").input_ids) == " Hello world"
+    for text in ("2024", " Hello world", "What is the capital of France?", "x = [1, 22, 333]\n\tdef f():  return",
+                 "naïve café, 東京 😀", "<|im_start|>user\nHi<|im_end|>\n"):
+        ours = tok(text, add_special_tokens=False).input_ids
+        assert ours == llm.tokenize(text.encode(), add_bos=False, special=True), text
+        assert tok.decode(ours) == text
 
 
 def _copy(folder, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -102,12 +103,16 @@ def test_tflite_quantized_variants_track_the_reference(tiny_android):
     source, folder = tiny_android
     ref = trace_reference(open_runner(source_artifact(source)), max_new_tokens=16)
     found = {a.variant: a for a in artifacts_in(folder.parent) if a.format == "tflite"}
-    int8 = validate_artifact(found["int8"], {}, ref)["metrics"]
-    int4 = validate_artifact(found["int4"], {}, ref)
+    int8_result = validate_artifact(found["int8"], {}, ref)
+    int8, int4 = int8_result["metrics"], validate_artifact(found["int4"], {}, ref)
     # relative, not top-1: random tiny models have near-ties int8 flips (llama3 0.81); int8 must beat int4
     assert int8["kl"] < min(0.05, int4["metrics"]["kl"]), (int8, int4)
     assert int4["metrics"]["kl"] < int4["baseline"]["kl"], int4
-    assert int4["compatibility"]  # the tflite-runtime 2.14 verdict is reported
+    # tflite-runtime 2.14 (apps' older package) runs int8; its blockwise int4 kernels predate this format and crash
+    # on some shapes (the default model's: tests/test_onnx.py), so int4's verdict is either, but always one of them
+    assert int8_result["compatibility"]["tflite-runtime 2.14"] == "loads and runs; signatures decode, prefill"
+    assert re.fullmatch(r"loads and runs; signatures decode, prefill|fails: .+",
+                        int4["compatibility"]["tflite-runtime 2.14"]), int4["compatibility"]
 
 
 def test_corrupt_tflite_is_one_error_line(tiny_android, tmp_path):

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from edgepack.exporters.base import Exporter, register
 from edgepack.native import llama_cpp_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import FORMATS, TargetSpec
+from edgepack.tools import llama_build_missing, llama_convert_dir, llama_tools
 
 # Types of at most 5 bits get an importance matrix from the calibration text the package ships; above that
 # the plain quantizer already loses little (Q8_0 KL 0.005 on the default model).
@@ -56,41 +56,6 @@ def pre_tokenizer_name(tok: dict) -> str | None:
     return None
 
 
-def convert_dir() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py with its conversion/ and gguf-py/ folders, from the sdist of the installed
-    llama-cpp-python (which vendors llama.cpp whole): $EDGEPACK_LLAMA_CONVERT, the venv's llama.cpp/convert (make
-    install keeps it there), or the cache, where it is fetched from PyPI on first use."""
-    import importlib.metadata
-
-    from edgepack.source import cache_root
-
-    version = importlib.metadata.version("llama_cpp_python")
-    cached = cache_root() / f"llama.cpp-convert-{version}"
-    for folder in (os.environ.get("EDGEPACK_LLAMA_CONVERT"), Path(sys.prefix) / "llama.cpp" / "convert", cached):
-        if folder and (Path(folder) / CONVERT_SCRIPT).is_file():
-            return Path(folder)
-    print(f"edgepack: fetching llama.cpp's converter (llama-cpp-python {version} sdist) into {cached}", file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-                              "-d", tmp, f"llama-cpp-python=={version}"], capture_output=True, text=True)
-        sdists = list(Path(tmp).glob("*.tar.gz"))
-        if got.returncode != 0 or not sdists:
-            raise EdgepackError(f"cannot fetch llama.cpp's converter ({(got.stderr.strip().splitlines() or ['?'])[-1]}); "
-                                "run make install, or set EDGEPACK_LLAMA_CONVERT to a llama.cpp checkout")
-        with tarfile.open(sdists[0]) as tar:
-            wanted = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
-                      and m.name.split("/vendor/llama.cpp/", 1)[1].startswith((CONVERT_SCRIPT, "conversion/", "gguf-py/"))]
-            for member in wanted:
-                member.name = member.name.split("/vendor/llama.cpp/", 1)[1]
-            tar.extractall(Path(tmp) / "convert", members=wanted, filter="data")
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        if not (cached / CONVERT_SCRIPT).is_file():  # another process may have fetched it meanwhile
-            shutil.rmtree(cached, ignore_errors=True)
-            shutil.move(str(Path(tmp) / "convert"), cached)
-    return cached
-
-
-CONVERT_SCRIPT = "convert_hf_to_gguf.py"
 # Runs llama.cpp's converter unchanged, except that a byte-level BPE tokenizer whose test-string hash it does not
 # know gets the pre-tokenizer edgepack read from its structure (argv[5]; empty: keep the converter's refusal).
 _CONVERT_DRIVER = """
@@ -118,7 +83,7 @@ def write_base_gguf(source: Source, path: Path, outtype: str) -> None:
     tok_file = source.path / "tokenizer.json"
     tok = json.loads(tok_file.read_text(encoding="utf-8")) if tok_file.is_file() else {}
     fallback = pre_tokenizer_name(tok) if tok.get("model", {}).get("type") == "BPE" else None
-    done = subprocess.run([sys.executable, "-c", _CONVERT_DRIVER, str(convert_dir()), str(source.path),
+    done = subprocess.run([sys.executable, "-c", _CONVERT_DRIVER, str(llama_convert_dir()), str(source.path),
                            outtype.lower(), str(path), fallback or ""], capture_output=True, text=True)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["no output"]
@@ -162,20 +127,6 @@ def quantize(base: Path, out: Path, variant: str) -> None:
                             "check free disk space")
 
 
-def llama_tools() -> dict[str, Path] | None:
-    """llama.cpp's llama-imatrix and llama-quantize: $EDGEPACK_LLAMA_TOOLS, the venv's llama.cpp/bin (make
-    install builds them there), or PATH; None when either is missing."""
-    folders = [os.environ.get("EDGEPACK_LLAMA_TOOLS"), str(Path(sys.prefix) / "llama.cpp" / "bin")]
-    tools = {}
-    for name in ("llama-imatrix", "llama-quantize"):
-        found = next((Path(f) / name for f in folders if f and (Path(f) / name).is_file()), None)
-        found = found or (Path(shutil.which(name)) if shutil.which(name) else None)
-        if found is None:
-            return None
-        tools[name] = found
-    return tools
-
-
 def _run_tool(args: list, what: str) -> None:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     if result.returncode != 0:
@@ -204,8 +155,8 @@ class GGUFExporter(Exporter):
 
     @classmethod
     def notes(cls) -> str:
-        if llama_tools() is None:
-            return "llama-imatrix/llama-quantize not found (make install builds them): ≤5-bit variants without imatrix"
+        if llama_tools(build=False) is None and llama_build_missing():
+            return f"llama-imatrix/llama-quantize cannot be built ({llama_build_missing()}): ≤5-bit variants without imatrix"
         return "≤5-bit variants use an importance matrix (llama-imatrix) from edgepack/data/calibration.txt"
 
     def write_shared(self, source: Source, out: Path, target: TargetSpec) -> None:

@@ -17,6 +17,7 @@ from edgepack.errors import EdgepackError
 from edgepack.model_info import read_model_info
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
+from edgepack.tools import LEGACY_RUNTIME, legacy_runtime_python
 
 
 
@@ -67,7 +68,7 @@ class LiteRTRunner(Runner):
 
     @classmethod
     def notes(cls) -> str:
-        state = "ready" if legacy_runtime_python() else "its environment is missing (make install builds it)"
+        state = "ready" if legacy_runtime_python(build=False) else "made on first need"
         return f"validate also checks each .tflite on {LEGACY_RUNTIME}: {state}"
 
     def _load_model(self, artifact: Artifact) -> None:
@@ -126,8 +127,7 @@ class LiteRTRunner(Runner):
 
 
 # tflite-runtime 2.14 (2023), the package older apps and guides name, is built against NumPy 1.x, so it lives in
-# its own small environment (the Makefile builds it under .venv/tflite-runtime); this script runs there.
-LEGACY_RUNTIME = "tflite-runtime 2.14"
+# its own small environment (edgepack.tools makes it on first need); this script runs there.
 _LEGACY_CHECK = """
 import sys
 from tflite_runtime.interpreter import Interpreter
@@ -144,22 +144,13 @@ except Exception as exc:
 """
 
 
-def legacy_runtime_python():
-    """The NumPy-1 environment's python holding tflite-runtime 2.14, or None when it was not built."""
-    import sys
-    from pathlib import Path
-
-    python = Path(sys.prefix) / "tflite-runtime" / "bin" / "python"
-    return python if python.is_file() else None
-
-
 def legacy_runtime_verdict(path) -> str:
     """Whether tflite-runtime 2.14 loads a .tflite and allocates its signatures (op support), in a few words."""
     import subprocess
 
     python = legacy_runtime_python()
     if python is None:
-        return "not checked (its environment is missing: make install builds .venv/tflite-runtime)"
+        return "not checked (its environment cannot be created here)"
     done = subprocess.run([str(python), "-c", _LEGACY_CHECK, str(path)], capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith(("loads", "fails"))]
     return lines[-1] if lines else f"fails: {(done.stderr.strip().splitlines() or ['no output'])[-1][:160]}"

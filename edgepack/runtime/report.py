@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgepack.artifacts import Artifact, write_json
 from edgepack.errors import EdgepackError
+from edgepack.runtime.bench import MEMORY_BOUND
 
 REPORT = "report.json"
 COLUMNS = ("target", "variant", "size", "KL", "top-1", "greedy", "ppl ratio", "TTFT", "tok/s", "roofline %", "checks")
@@ -61,7 +62,8 @@ def _cells(row: dict) -> list[str]:
         fmt("ppl_ratio", "{:.3f}"),
         f"{bench['ttft_s']:.3f} s" if "ttft_s" in bench else "—",
         f"{bench['decode_tok_s']:.1f}" if "decode_tok_s" in bench else "—",
-        f"{100 * bench['roofline_ratio']:.0f} %" if "roofline_ratio" in bench else "—",
+        (f"{100 * bench['roofline_ratio']:.0f} % ({bench['bound'].split('-')[0]})" if "bound" in bench else
+         f"{100 * bench['roofline_ratio']:.0f} %" if "roofline_ratio" in bench else "—"),
         verdict,
     ]
 
@@ -115,8 +117,12 @@ def _export_note(report: dict) -> str:
 def render_markdown(report: dict) -> str:
     lines = [f"# edgepack report: {report.get('model', '?')}", ""]
     if "bandwidth_gbs" in report:
-        lines += [f"Memory read bandwidth {report['bandwidth_gbs']:.1f} GB/s; roofline tok/s = bandwidth ÷ weight "
-                  "bytes read per token. Greedy: tokens equal to the reference per chat prompt.", ""]
+        method = f" ({report['bandwidth_method']})" if "bandwidth_method" in report else ""
+        lines += [f"Memory read bandwidth {report['bandwidth_gbs']:.1f} GB/s{method}; roofline tok/s = bandwidth ÷ "
+                  "weight bytes read per token. After the roofline %: memory when the variant's weight reads use at "
+                  f"least {100 * MEMORY_BOUND:.0f} % of that bandwidth, else compute (arithmetic, dequantization or "
+                  "per-step overhead limits it, not memory). Greedy: tokens equal to the reference per chat prompt.",
+                  ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report["rows"].values()]
     table, note = _gguf_table(report)
@@ -140,7 +146,7 @@ def _browser_note(report: dict) -> str:
             f"{w['decode_tok_s']:.1f} tok/s. Ratio {b['ratio']:.2f}× (same run, {b['run']}).")
 
 
-def _svg(fig) -> str:
+def svg_figure(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg", bbox_inches="tight")
     return buf.getvalue()[buf.getvalue().index("<svg"):]
@@ -164,7 +170,7 @@ def _plots(report: dict) -> list[str]:
                         xytext=(4, 4), textcoords="offset points")
         ax.set(xlabel="size (MB)", ylabel="mean KL vs source (log)", yscale="log", title="Size vs fidelity")
         ax.grid(alpha=0.3)
-        plots.append(_svg(fig))
+        plots.append(svg_figure(fig))
         plt.close(fig)
     speed = [r for r in rows if "decode_tok_s" in r.get("bench", {})]
     if speed:
@@ -176,7 +182,7 @@ def _plots(report: dict) -> list[str]:
         ax.set(xlabel="decode tokens/s", title="Decode speed per variant")
         ax.legend(loc="lower right")
         ax.grid(axis="x", alpha=0.3)
-        plots.append(_svg(fig))
+        plots.append(svg_figure(fig))
         plt.close(fig)
     return plots
 

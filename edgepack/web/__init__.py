@@ -8,13 +8,11 @@ from flask import Flask, abort, jsonify, send_file
 
 from edgepack.artifacts import read_manifest
 from edgepack.runtime.report import load_report
+from edgepack.web.vendor import VENDOR
 
 WEB = Path(__file__).resolve().parent
 STATIC = WEB / "static"
-NODE_MODULES = WEB / "node_modules"  # npm ci --ignore-scripts in edgepack/web (make install does it)
-# The only npm folders the page may load from: the packages' browser builds, nothing else of node_modules.
-VENDOR = ("@huggingface/transformers/dist/", "@huggingface/transformers/node_modules/onnxruntime-web/dist/",
-          "onnxruntime-web/dist/", "@wllama/wllama/esm/", "@huggingface/tokenizers/dist/", "@huggingface/jinja/dist/")
+NODE_MODULES = WEB / "node_modules"  # npm ci --ignore-scripts in edgepack/web (make install, or the wheel build)
 MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/javascript", ".json": "application/json",
         ".html": "text/html", ".css": "text/css", ".md": "text/markdown"}  # everything else (model files) is application/octet-stream
 

@@ -1,0 +1,95 @@
+"""edgepack fleet on a local Ray: two tiny models × two targets, one worker killed mid-export, one report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from edgepack.fleet import read_fleet, run_fleet
+
+PLAIN = """
+[web]
+context_length = 2048
+[web.onnx]
+runner = "onnxruntime"
+variants = ["fp32"]
+thresholds = { fp32 = { max_abs_logit = 1e-3, min_greedy = 1.0 } }
+[cpu]
+context_length = 2048
+[cpu.gguf]
+runner = "llama.cpp"
+variants = ["F16"]
+thresholds = { F16 = { max_kl = 1e-4 } }
+"""
+
+
+@pytest.fixture
+def fleet_file(tiny_models, tmp_path) -> Path:
+    (tmp_path / "targets.toml").write_text(PLAIN)
+    path = tmp_path / "FLEET.toml"
+    path.write_text(f'targets = ["cpu", "web"]\ntargets_file = "targets.toml"\n'
+                    f'[[model]]\npath = "{tiny_models["llama"]}"\n[[model]]\npath = "{tiny_models["qwen2"]}"\n')
+    return path
+
+
+def test_a_fleet_survives_a_killed_worker_and_reports_what_the_single_commands_do(fleet_file, tiny_models, tmp_path):
+    killed = []
+
+    def kill_the_first_export(job_id, stage, pid):
+        if stage == "export" and not killed:
+            os.kill(pid, signal.SIGKILL)  # the Ray worker running it; its export child dies with it
+            killed.append(job_id)
+
+    out = tmp_path / "out"
+    summary = run_fleet(read_fleet(fleet_file), str(out), on_event=kill_the_first_export, log=lambda *a: None)
+    assert killed and not summary["failed"], summary["failed"]
+    cells = {(c["model"], c["target"]): c for c in summary["cells"]}
+    assert set(cells) == {(m, t) for m in ("tiny-llama", "tiny-qwen2") for t in ("cpu", "web")}
+    assert all(c["passed"] and c["decode_tok_s"] > 0 for c in cells.values()), cells
+
+    # nothing complete-looking from the killed attempt: every target folder is whole, no job folder left behind
+    for model, target in cells:
+        manifest = json.loads((out / model / target / "manifest.json").read_text())
+        for artifact in manifest["artifacts"]:
+            for entry in artifact["files"]:
+                assert (out / model / target / entry["path"]).stat().st_size == entry["bytes"]
+    assert not any((Path(tempfile.gettempdir()) / "edgepack-fleet" / f"{job}").exists() for job in summary["jobs"])
+    assert (out / "fleet.html").read_text().count("<svg") == 3  # size vs KL for cpu and web, tok/s vs parameters
+    assert json.loads((out / "fleet.json").read_text()) == summary
+    assert "tiny-llama" in (out / "tiny-llama" / "report.md").read_text()
+
+    # each cell equals what `edgepack export` + `validate` produce for that model by hand
+    for model in ("llama", "qwen2"):
+        common = ["--model", str(tiny_models[model]), "--targets", str(fleet_file.parent / "targets.toml"),
+                  "--out", str(tmp_path / "single")]
+        run = lambda *a: subprocess.run([sys.executable, "-m", "edgepack", *a, *common],  # noqa: E731
+                                        capture_output=True, text=True, timeout=900)
+        assert run("export", "--target", "cpu", "web").returncode == 0
+        validated = run("validate", "--json")
+        assert validated.returncode == 0, validated.stderr
+        for result in json.loads(validated.stdout):
+            cell = cells[(f"tiny-{model}", result["key"].split("/")[0])]
+            assert cell["kl"] == pytest.approx(result["metrics"]["kl"], rel=1e-6, abs=1e-12), (cell, result)
+            assert cell["top1"] == result["metrics"]["top1"]
+
+
+def test_a_bad_fleet_file_is_one_error_naming_the_key(tmp_path):
+    from edgepack.cli import main
+
+    path = tmp_path / "FLEET.toml"
+    for text, message in (("[[model]]\npath = '/nonexistent'\n", "does not exist"),
+                          ("[[model]]\npath = '.'\ntargets = ['tv']\n", "no target 'tv'"),
+                          ("modles = []\n", "unknown key 'modles'"),
+                          ("targets = ['cpu']\n", "no [[model]] tables")):
+        path.write_text(text)
+        with pytest.raises(Exception) as info:
+            read_fleet(path)
+        assert message in str(info.value), (text, info.value)
+    assert main(["fleet", str(tmp_path / "missing.toml")]) == 2
