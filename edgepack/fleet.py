@@ -22,7 +22,6 @@ import shutil
 import struct
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,15 +55,10 @@ class Fleet:
 def read_fleet(path: str | Path) -> Fleet:
     """FLEET.toml: `targets = [...]` (default for every model), optional `targets_file`, and `[[model]]` tables
     with `path` and optional `targets` / `variants`. Every mistake is one error naming the file and the key."""
-    from edgepack.targets import TARGETS
+    from edgepack.targets import TARGETS, read_toml
 
     path = Path(path)
-    if not path.is_file():
-        raise EdgepackError(f"fleet file not found: {path}; see the README's 'Many models' section for its form")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise EdgepackError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+    data = read_toml(path, "fleet file", "see the README's 'Many models' section for its form")
     if unknown := set(data) - _FLEET_KEYS:
         raise EdgepackError(f"{path}: unknown key '{sorted(unknown)[0]}'; valid: {', '.join(sorted(_FLEET_KEYS))}")
     default = data.get("targets", ["cpu", "web"])
@@ -197,13 +191,18 @@ def _rows(model_folder: Path, target: str) -> dict:
     return {"rows": rows, **{k: report[k] for k in ("bandwidth_gbs", "bandwidth_method") if k in report}}
 
 
+def _arguments(job: dict, folder: Path) -> tuple[list, list]:
+    """The job's --model / --out / --targets arguments, and its --variant ones (none: the matrix's variants)."""
+    common = ["--model", job["model"], "--out", folder / "dist"]
+    common += ["--targets", job["targets_file"]] if job["targets_file"] else []
+    return common, (["--variant", *job["variants"]] if job["variants"] else [])
+
+
 def export_and_validate(job: dict, progress) -> dict:
     """One job's first task: export, validate, upload. Returns its report rows and whether every check passed."""
     progress.event.remote(job["id"], "export", os.getpid())
     folder = _job_dir(job["id"])
-    common = ["--model", job["model"], "--out", folder / "dist"] + (
-        ["--targets", job["targets_file"]] if job["targets_file"] else [])
-    variants = ["--variant", *job["variants"]] if job["variants"] else []
+    common, variants = _arguments(job, folder)
     code, last = _edgepack("export", "--target", job["target"], *variants, *common)
     if code != 0:
         raise EdgepackError(f"{job['id']}: edgepack export failed: {last}")
@@ -225,9 +224,7 @@ def bench(job: dict, slug: str, progress) -> dict:
     progress.event.remote(job["id"], "bench", os.getpid())
     folder = _job_dir(job["id"] + "-bench")
     download_target(job["out"], slug, job["target"], folder / "dist" / slug)
-    common = ["--model", job["model"], "--out", folder / "dist"] + (
-        ["--targets", job["targets_file"]] if job["targets_file"] else [])
-    variants = ["--variant", *job["variants"]] if job["variants"] else []
+    common, variants = _arguments(job, folder)
     code, last = _edgepack("bench", "--target", job["target"], *variants, *common)
     if code != 0:
         raise EdgepackError(f"{job['id']}: edgepack bench failed: {last}")
@@ -258,6 +255,7 @@ def run_fleet(fleet: Fleet, out: str, address: str | None = None, retries: int =
 
 
 def _drive(fleet, out, retries, bench_speed, on_event, log, ray) -> dict:
+    from rich.console import Console
     from rich.progress import Progress
 
     @ray.remote(num_cpus=0)
@@ -285,7 +283,7 @@ def _drive(fleet, out, retries, bench_speed, on_event, log, ray) -> dict:
         jobs[ref] = (job, "export")
     cells, failed, started = {}, [], time.monotonic()
     total = len(jobs) * (2 if bench_speed else 1)
-    with Progress(transient=True) as bar:
+    with Progress(console=Console(stderr=True), transient=True) as bar:
         overall = bar.add_task("fleet", total=total)
         pending = list(jobs)
         while pending:

@@ -151,14 +151,19 @@ def _load_target(path: Path, name: str, table: dict) -> TargetSpec:
     return TargetSpec(name, context, formats, tuple(eps))
 
 
-def load_targets(path: str | Path | None = None) -> Targets:
-    """Read and validate a targets file (the repository's targets.toml when path is None)."""
-    path = Path(path) if path else DEFAULT_TARGETS_FILE
+def read_toml(path: Path, what: str, remedy: str) -> dict:
+    """A TOML file's tables, or one error line: missing (what it is, the remedy) or not valid TOML."""
     if not path.is_file():
-        raise EdgepackError(f"targets file not found: {path}; pass --targets FILE")
+        raise EdgepackError(f"{what} not found: {path}; {remedy}")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise EdgepackError(f"{path}: not valid TOML ({exc}); fix the syntax") from None
+
+
+def load_targets(path: str | Path | None = None) -> Targets:
+    """Read and validate a targets file (the one edgepack ships when path is None)."""
+    path = Path(path) if path else DEFAULT_TARGETS_FILE
+    data = read_toml(path, "targets file", "pass --targets FILE")
     _check_keys(path, "", data, TARGETS)
     return Targets(path, {name: _load_target(path, name, table) for name, table in data.items()})

@@ -12,6 +12,8 @@ import pytest
 from edgepack.cli import main
 from edgepack.mobile import verify_bundle
 
+from conftest import PLAIN_TARGETS
+
 
 def edgepack(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, cwd=cwd,
@@ -95,36 +97,6 @@ def test_a_bundle_verifies_and_reports_tampering(tmp_path, tiny_llama):
     (bundle / "src/main/assets/model_int8.tflite").write_bytes(b"\x01" * 64)
     (bundle / "extra.txt").write_text("x")
     assert verify_bundle(bundle) == ["sha256 mismatch: src/main/assets/model_int8.tflite", "not in manifest: extra.txt"]
-
-
-# The plain variant of every target, held to the issue's parity bars (quantized variants of random tiny models are
-# judged against their plain baselines in each target's own tests, not against the default model's bars).
-PLAIN_TARGETS = """
-[web]
-context_length = 2048
-[web.onnx]
-runner = "onnxruntime"
-variants = ["fp32"]
-thresholds = { fp32 = { max_abs_logit = 1e-3, min_greedy = 1.0 } }
-[ios]
-context_length = 2048
-[ios.coreml]
-runner = "coreml"
-variants = ["fp16"]
-thresholds = { fp16 = { max_kl = 2e-3, min_top1 = 0.9 } }  # fp16 compute: phi3 (wider) KL 8e-4, top-1 0.953
-[android]
-context_length = 2048
-[android.tflite]
-runner = "litert"
-variants = ["fp32"]
-thresholds = { fp32 = { max_abs_logit = 1e-3, min_greedy = 1.0 } }
-[cpu]
-context_length = 2048
-[cpu.gguf]
-runner = "llama.cpp"
-variants = ["F16"]
-thresholds = { F16 = { max_kl = 1e-4 } }
-"""
 
 
 @pytest.mark.parametrize("kind", ["phi3", "gemma3"])
