@@ -274,14 +274,21 @@ def _drive(fleet, out, retries, bench_speed, on_event, log, ray) -> dict:
     export_task = ray.remote(max_retries=retries, max_calls=1)(export_and_validate)
     bench_task = ray.remote(max_retries=retries, max_calls=1, resources={RESOURCE: 1})(bench)
     params = {m.path: parameter_count(m.path) for m in fleet.models}
-    jobs = {}
+    # Ray would wait forever for a node big enough; a job no node can hold is reported failed instead
+    largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    jobs, failed = {}, []
     for model, target in fleet.jobs:
         job = {"id": f"{Path(model.path).name}-{target}", "model": model.path, "target": target, "out": out,
                "variants": list(model.variants), "targets_file": fleet.targets_file}
-        ref = export_task.options(memory=peak_bytes(target, params[model.path]),
-                                  resources={RESOURCE: EXPORT_SHARE}).remote(job, progress)
+        need = peak_bytes(target, params[model.path])
+        if need > largest:
+            failed.append({"job": job["id"], "stage": "export", "error": f"needs about {need / 1e9:.0f} GB to export "
+                           f"(edgepack's measured estimate), more than any node's {largest / 1e9:.0f} GB"})
+            log(f"{job['id']}: not started — {failed[-1]['error']}")
+            continue
+        ref = export_task.options(memory=need, resources={RESOURCE: EXPORT_SHARE}).remote(job, progress)
         jobs[ref] = (job, "export")
-    cells, failed, started = {}, [], time.monotonic()
+    cells, started = {}, time.monotonic()
     total = len(jobs) * (2 if bench_speed else 1)
     with Progress(console=Console(stderr=True), transient=True) as bar:
         overall = bar.add_task("fleet", total=total)
@@ -293,12 +300,14 @@ def _drive(fleet, out, retries, bench_speed, on_event, log, ray) -> dict:
                 on_event(job_id, stage, pid)
             for ref in done:
                 job, stage = jobs.pop(ref)
-                bar.advance(overall, 1 if stage == "bench" or bench_speed else 2)
+                bar.advance(overall, 1)
                 try:
                     result = ray.get(ref)
                 except Exception as exc:  # after Ray's retries: named in the report, the fleet goes on
                     why = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
                     failed.append({"job": job["id"], "stage": stage, "error": why})
+                    if stage == "export" and bench_speed:
+                        bar.advance(overall, 1)  # its bench will not run
                     bar.console.print(f"{job['id']}: {stage} FAILED — {why}")
                     continue
                 cell = cells.setdefault(job["id"], {"model": job["model"], "target": job["target"],

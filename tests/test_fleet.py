@@ -86,3 +86,21 @@ def test_a_bad_fleet_file_is_one_error_naming_the_key(tmp_path):
             read_fleet(path)
         assert message in str(info.value), (text, info.value)
     assert main(["fleet", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_a_job_no_node_can_hold_is_reported_instead_of_waiting_forever(tmp_path):
+    """A model whose export needs more memory than any node has: Ray would leave the task pending for ever."""
+    import struct
+
+    from edgepack.fleet import run_fleet
+
+    big = tmp_path / "huge-model"
+    big.mkdir()
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [200_000, 200_000], "data_offsets": [0, 0]}}).encode()
+    (big / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)  # 40 B parameters, no data
+    fleet = tmp_path / "FLEET.toml"
+    fleet.write_text(f'targets = ["android"]\n[[model]]\npath = "{big}"\n')
+    summary = run_fleet(read_fleet(fleet), str(tmp_path / "out"), log=lambda *a: None)
+    assert [f["job"] for f in summary["failed"]] == ["huge-model-android"] and not summary["cells"]
+    assert "more than any node's" in summary["failed"][0]["error"]
+    assert "huge-model-android" in (tmp_path / "out" / "fleet.html").read_text()
