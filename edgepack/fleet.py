@@ -90,6 +90,15 @@ def read_fleet(path: str | Path) -> Fleet:
     return fleet
 
 
+def job_id(fleet: Fleet, model: FleetModel, target: str) -> str:
+    """<model folder or file name>-<target>; models that share a name get #1, #2… in fleet order."""
+    names = [Path(m.path).name for m in fleet.models]
+    name = Path(model.path).name
+    if names.count(name) > 1:
+        name += f"#{[m.path for m in fleet.models if Path(m.path).name == name].index(model.path) + 1}"
+    return f"{name}-{target}"
+
+
 def parameter_count(model_path: str) -> int:
     """Parameters of a model, from the safetensors headers or the GGUF tensor table alone (no weights read)."""
     path = Path(model_path)
@@ -151,9 +160,9 @@ def write_out(out: str, relative: str, data: bytes) -> None:
 
 # --- the two tasks --------------------------------------------------------------------------------------------
 
-def _job_dir(job_id: str) -> Path:
+def _job_dir(name: str) -> Path:
     """The node-local folder of one job; a retry first sweeps what a killed attempt left there."""
-    folder = Path(tempfile.gettempdir()) / "edgepack-fleet" / job_id
+    folder = Path(tempfile.gettempdir()) / "edgepack-fleet" / name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     return folder
@@ -278,7 +287,7 @@ def _drive(fleet, out, retries, bench_speed, on_event, log, ray) -> dict:
     largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
     jobs, failed = {}, []
     for model, target in fleet.jobs:
-        job = {"id": f"{Path(model.path).name}-{target}", "model": model.path, "target": target, "out": out,
+        job = {"id": job_id(fleet, model, target), "model": model.path, "target": target, "out": out,
                "variants": list(model.variants), "targets_file": fleet.targets_file}
         need = peak_bytes(target, params[model.path])
         if need > largest:
@@ -295,9 +304,9 @@ def _drive(fleet, out, retries, bench_speed, on_event, log, ray) -> dict:
         pending = list(jobs)
         while pending:
             done, pending = ray.wait(pending, timeout=0.5)
-            for job_id, stage, pid in ray.get(progress.drain.remote()):
-                bar.console.print(f"{job_id}: {stage} started (pid {pid})")
-                on_event(job_id, stage, pid)
+            for name, stage, pid in ray.get(progress.drain.remote()):
+                bar.console.print(f"{name}: {stage} started (pid {pid})")
+                on_event(name, stage, pid)
             for ref in done:
                 job, stage = jobs.pop(ref)
                 bar.advance(overall, 1)
@@ -343,7 +352,7 @@ def _merge(cell: dict, result: dict) -> None:
 def _summaries(cells: dict, failed: list, fleet: Fleet, seconds: float) -> dict:
     """fleet.json: one entry per (model, target, variant) with size, KL, top-1, tok/s and pass/fail."""
     rows = []
-    for job_id, cell in sorted(cells.items()):
+    for _, cell in sorted(cells.items()):
         for key, row in sorted(cell["rows"].items()):
             if row["target"] != cell["target"]:
                 continue  # the llama.cpp anchor rides along in each bench
@@ -359,7 +368,7 @@ def _summaries(cells: dict, failed: list, fleet: Fleet, seconds: float) -> dict:
                 "report": f"{cell.get('slug', '?')}/report.html",
             })
     return {"fleet": str(fleet.path), "seconds": round(seconds, 1), "cells": rows, "failed": failed,
-            "jobs": [f"{Path(m.path).name}-{t}" for m, t in fleet.jobs]}
+            "jobs": [job_id(fleet, m, t) for m, t in fleet.jobs]}
 
 
 def _write_model_reports(cells: dict, out: str) -> None:
