@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", type=Path, default=DEFAULT_DIST, metavar="DIR", help="dist folder (default: dist)")
         return p
 
-    target_help = "web | ios | android | cpu | all (repeatable)"
+    target_help = "web | ios | android | cpu | mac | all (repeatable)"
     p = command("export", cmd_export, "export the source model for each target")
     p.add_argument("--target", nargs="+", action="extend", metavar="T", help=target_help)
     p.add_argument("--variant", nargs="+", action="extend", metavar="V", help="only these variants")
@@ -385,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--browser", action="store_true", help="bench the page in headless Chromium instead: its default "
                    "engine and variant against stock wllama on the anchor GGUF")
     p = command("run", cmd_run, "generate with one artifact; streams only the generated text to stdout")
-    p.add_argument("--target", required=True, metavar="T", help="source | web | ios | android | cpu")
+    p.add_argument("--target", required=True, metavar="T", help="source | web | ios | android | cpu | mac")
     p.add_argument("--variant", nargs=1, metavar="V", help="variant (default: the first exported)")
     p.add_argument("--prompt", required=True, help="user message (the model's chat template is applied)")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -21,6 +21,8 @@ FORMATS: dict[str, dict] = {
     "onnx-mobile": {"target": "android", "runner": "onnxruntime", "variants": ("q4",)},
     "coreml": {"target": "ios", "runner": "coreml", "variants": ("fp16", "int4", "int8")},
     "tflite": {"target": "android", "runner": "litert", "variants": ("fp32", "int8", "int4")},
+    # mlx-lm's folder layout; fp16 / bf16 weights, q8 / q4 MLX affine quantization (group 64, as mlx-lm's converter)
+    "mlx": {"target": "mac", "runner": "mlx", "variants": ("fp16", "bf16", "q8", "q4")},
     "gguf": {
         "target": "cpu",
         "runner": "llama.cpp",
@@ -30,7 +32,7 @@ FORMATS: dict[str, dict] = {
         ),
     },
 }
-TARGETS = ("web", "ios", "android", "cpu")
+TARGETS = ("web", "ios", "android", "cpu", "mac")
 EXECUTION_PROVIDERS = ("webgpu", "wasm")
 
 # Parity checks a variant may be held to; each maps to one metric of edgepack.runtime.parity.

@@ -8,6 +8,8 @@
   cannot build.
 - tflite-runtime 2.14, the TFLite package older apps still name, in a NumPy-1 environment of its own (it fails to
   import beside NumPy 2): validate reports whether each .tflite loads and runs there.
+- MLX with mlx-lm, in an environment of its own: mlx-lm 0.32 requires transformers >= 5.7 and edgepack's stack is
+  pinned to 4.57.6 (README, "Versions, and why"). The mac target is converted and run there.
 
 Each is looked for first where a user may have put it ($EDGEPACK_LLAMA_CONVERT, $EDGEPACK_LLAMA_TOOLS or PATH),
 then in <cache>/tools/. `edgepack tools --build` builds them ahead of time (make install does); `edgepack doctor`
@@ -32,6 +34,11 @@ CONVERT_SCRIPT = "convert_hf_to_gguf.py"
 LLAMA_TOOLS = ("llama-imatrix", "llama-quantize")
 LEGACY_RUNTIME = "tflite-runtime 2.14"
 LEGACY_PACKAGES = ("numpy<2", "tflite-runtime==2.14.0")
+MLX = "mlx 0.32.4 + mlx-lm 0.32.2"
+# mlx-lm does not depend on mlx on Linux, and Linux needs mlx's CPU backend by its extra; transformers is the
+# version this environment was measured with (mlx-lm asks for >= 5.7).
+MLX_PACKAGES = ("mlx[cpu]==0.32.4" if sys.platform == "linux" else "mlx==0.32.4", "mlx-lm==0.32.2",
+                "transformers==5.23.0")
 
 
 def tools_root() -> Path:
@@ -167,28 +174,39 @@ def legacy_runtime_python(build: bool = True) -> Path | None:
     """The python of the NumPy-1 environment holding tflite-runtime 2.14, created on first need (build=True);
     None when it is absent and cannot be made (tflite-runtime 2.14 has wheels for CPython 3.9 to 3.11 on x86-64
     and aarch64 Linux only)."""
-    folder = tools_root() / "tflite-runtime-2.14"
+    return _venv("tflite-runtime-2.14", LEGACY_RUNTIME, LEGACY_PACKAGES, "import tflite_runtime.interpreter", build,
+                 "NumPy-1 environment", "about 1 minute")
+
+
+def mlx_python(build: bool = True) -> Path | None:
+    """The python of the environment holding MLX and mlx-lm, created on first need (build=True); None when it is
+    absent and cannot be made (MLX has wheels for Linux x86-64 / aarch64 and Apple Silicon macOS)."""
+    return _venv("mlx-0.32.4", MLX, MLX_PACKAGES, "import mlx.core, mlx_lm", build, "environment", "about 30 s")
+
+
+def _venv(name: str, what: str, packages: tuple[str, ...], check: str, build: bool, kind: str,
+          duration: str) -> Path | None:
+    folder = tools_root() / name
     python = folder / "bin" / "python"
     if (folder / "ok").is_file():
         return python
     if not build:
         return None
-    _say(f"creating {LEGACY_RUNTIME}'s NumPy-1 environment in {folder}, once (about 1 minute)")
+    _say(f"creating {what}'s {kind} in {folder}, once ({duration})")
     # The venv is made in its final place (a venv's scripts name their own path); the marker is written last, so
     # a half-made one is remade.
     shutil.rmtree(folder, ignore_errors=True)
     base = getattr(sys, "_base_executable", sys.executable)
     steps = [[base, "-m", "venv", str(folder)],
-             [str(python), "-m", "pip", "install", "--quiet", *LEGACY_PACKAGES],
-             [str(python), "-c", "import tflite_runtime.interpreter"]]
+             [str(python), "-m", "pip", "install", "--quiet", *packages],
+             [str(python), "-c", check]]
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(folder, ignore_errors=True)
-            _say(f"{LEGACY_RUNTIME} cannot be installed here "
-                 f"({(done.stderr.strip().splitlines() or ['no output'])[-1][:160]})")
+            _say(f"{what} cannot be installed here ({(done.stderr.strip().splitlines() or ['no output'])[-1][:160]})")
             return None
-    (folder / "ok").write_text(" ".join(LEGACY_PACKAGES) + "\n")
+    (folder / "ok").write_text(" ".join(packages) + "\n")
     return python
 
 
@@ -216,6 +234,7 @@ def tool_rows() -> list[dict]:
                      "for": "cpu export (≤5-bit variants with an importance matrix)"})
     rows.append({"tool": LEGACY_RUNTIME, "where": where(legacy_runtime_python(build=False)),
                  "for": "validate (android: does each .tflite load in the older runtime)"})
+    rows.append({"tool": MLX, "where": where(mlx_python(build=False)), "for": "mac export and its runner"})
     return rows
 
 
@@ -223,5 +242,6 @@ def build_all() -> None:
     """Fetch or build every helper tool that is missing (make install calls this through `edgepack tools --build`)."""
     if llama_convert_dir() is None or llama_tools() is None:
         raise EdgepackError(f"llama.cpp's tools cannot be built here: {llama_build_missing()}")
-    if legacy_runtime_python() is None:
-        raise EdgepackError(f"{LEGACY_RUNTIME}'s environment cannot be created here (see the line above)")
+    for make, what in ((legacy_runtime_python, LEGACY_RUNTIME), (mlx_python, MLX)):
+        if make() is None:
+            raise EdgepackError(f"{what}'s environment cannot be created here (see the line above)")

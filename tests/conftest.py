@@ -116,6 +116,12 @@ context_length = 2048
 runner = "llama.cpp"
 variants = ["F16"]
 thresholds = { F16 = { max_kl = 1e-4 } }
+[mac]
+context_length = 2048
+[mac.mlx]
+runner = "mlx"
+variants = ["fp16"]
+thresholds = { fp16 = { max_kl = 1e-3, min_top1 = 0.97 } }  # fp16 weights, float32 compute (tests/test_mlx.py)
 """
 
 

@@ -31,11 +31,11 @@ def test_doctor_lists_every_target_with_its_state(capsys):
     assert main(["doctor", "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)
     rows = answer["formats"]
-    assert {r["target"] for r in rows} == {"source", "web", "ios", "android", "cpu"}
+    assert {r["target"] for r in rows} == {"source", "web", "ios", "android", "cpu", "mac"}
     # with the README's setup every exporter and runner is ready here (the source has no exporter)
     assert all(r["runner"] == "ready" and r["exporter"] in ("ready", "\u2014") for r in rows), rows
     # and make install built every helper tool into the cache
-    assert len(answer["tools"]) == 3 and all(Path(t["where"]).exists() for t in answer["tools"]), answer["tools"]
+    assert len(answer["tools"]) == 4 and all(Path(t["where"]).exists() for t in answer["tools"]), answer["tools"]
 
 
 def test_targets_write_gives_the_default_matrix_to_edit(tmp_path, capsys):
@@ -110,7 +110,7 @@ def test_a_new_family_exports_to_every_target_validates_and_chats_on_cpu(tiny_mo
     assert exported.returncode == 0, exported.stderr
     validated = edgepack("validate", *common)
     assert validated.returncode == 0, validated.stdout + validated.stderr
-    for target in ("web/onnx/fp32", "ios/coreml/fp16", "android/tflite/fp32", "cpu/gguf/F16"):
+    for target in ("web/onnx/fp32", "ios/coreml/fp16", "android/tflite/fp32", "cpu/gguf/F16", "mac/mlx/fp16"):
         assert f"{target}: " in validated.stdout + validated.stderr
     ran = edgepack("run", "--target", "cpu", "--variant", "F16", "--prompt", "What is the capital of France?",
                    "--max-new-tokens", "8", *common)

@@ -10,18 +10,19 @@ from edgepack.targets import load_targets
 
 def test_the_shipped_targets_file_has_the_default_matrix():
     targets = load_targets()
-    assert list(targets.targets) == ["web", "ios", "android", "cpu"]
+    assert list(targets.targets) == ["web", "ios", "android", "cpu", "mac"]
     assert targets.targets["web"].formats["onnx"].variants == ("q4", "q4dq", "q4f16", "fp16", "q8", "fp32")
     assert targets.targets["web"].execution_providers == ("webgpu", "wasm")
     assert targets.targets["ios"].formats["coreml"].variants == ("fp16", "int4")
     assert set(targets.targets["android"].formats) == {"tflite", "onnx-mobile"}
     assert targets.targets["cpu"].formats["gguf"].variants == ("F16", "Q8_0", "Q5_K_S", "Q4_K_M", "Q4_0", "Q2_K")
     assert targets.targets["cpu"].formats["gguf"].thresholds["F16"]["min_top1"] == 0.999
+    assert targets.targets["mac"].formats["mlx"].variants == ("fp16", "q8", "q4")
 
 
 @pytest.mark.parametrize("text, message", [
     ('[cpu.gguf]\nvariants = ["F16"]\nvarients = 1\n', "unknown key 'cpu.gguf.varients'; valid: runner, thresholds, variants"),
-    ('[desktop.gguf]\nvariants = ["F16"]\n', "unknown key 'desktop'; valid: web, ios, android, cpu"),
+    ('[desktop.gguf]\nvariants = ["F16"]\n', "unknown key 'desktop'; valid: web, ios, android, cpu, mac"),
     ('[cpu.gguf]\nvariants = ["Q4_K_XL"]\n', "unknown variant 'cpu.gguf.variants: Q4_K_XL'; valid: F32, F16"),
     ('[cpu.onnx]\nvariants = ["q4"]\n', "format 'onnx' belongs to target 'web', not 'cpu'"),
     ('[cpu.gguf]\nvariants = ["F16"]\nrunner = "onnxruntime"\n', "unknown runner"),

@@ -78,6 +78,15 @@ class Runner:
         """Forget the sequence (the KV cache)."""
         raise NotImplementedError
 
+    @classmethod
+    def speed_note(cls) -> str | None:
+        """What a reader of this runner's speed must know (where it is not the runtime's real target), or None."""
+        return None
+
+    def helper_rss_bytes(self) -> int:
+        """Peak resident memory of helper processes that hold the model (0 when the runner has none)."""
+        return 0
+
     def weight_bytes(self) -> int:
         """Bytes of weights read per decoded token (for the memory-bandwidth roofline)."""
         return self.artifact.bytes

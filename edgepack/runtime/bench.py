@@ -87,10 +87,11 @@ def _bench_in_this_process(artifact: Artifact, new_tokens: int, runs: int) -> di
         "decode_tok_s_runs": [round(r, 2) for r in rates],
         "prompt_tokens": len(ids),
         "new_tokens": new_tokens,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes() + runner.helper_rss_bytes(),
         "weight_bytes": runner.weight_bytes(),
         "artifact_bytes": artifact.bytes,
         "threads": os.cpu_count(),
+        **({"note": note} if (note := runner.speed_note()) else {}),
     }
 
 

@@ -61,7 +61,7 @@ def _cells(row: dict) -> list[str]:
         fmt("kl", "{:.4f}"), fmt("top1", "{:.3f}"), " ".join(parity.get("greedy_tokens", [])) or "—",
         fmt("ppl_ratio", "{:.3f}"),
         f"{bench['ttft_s']:.3f} s" if "ttft_s" in bench else "—",
-        f"{bench['decode_tok_s']:.1f}" if "decode_tok_s" in bench else "—",
+        (f"{bench['decode_tok_s']:.1f}" + ("*" if "note" in bench else "")) if "decode_tok_s" in bench else "—",
         (f"{100 * bench['roofline_ratio']:.0f} % ({bench['bound'].split('-')[0]})" if "bound" in bench else
          f"{100 * bench['roofline_ratio']:.0f} %" if "roofline_ratio" in bench else "—"),
         verdict,
@@ -125,6 +125,9 @@ def render_markdown(report: dict) -> str:
                   ""]
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in report["rows"].values()]
+    speed_notes = {f"{r['target']} ({r['format']})": r["bench"]["note"] for r in report["rows"].values()
+                   if "note" in r.get("bench", {})}
+    lines += [""] * bool(speed_notes) + [f"\\* {where}: {note}." for where, note in speed_notes.items()]
     table, note = _gguf_table(report)
     if table:
         lines += ["", "## cpu (GGUF)", "", "| " + " | ".join(GGUF_COLUMNS) + " |", "|" + "---|" * len(GGUF_COLUMNS)]
