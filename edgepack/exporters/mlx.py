@@ -29,7 +29,7 @@ HEAD_BITS = 6
 # and the head at 6, its analogue of llama.cpp's Q4_K_M), with a tied embedding, which is also the head, at 6 bits
 # too, as llama.cpp keeps its output tensor at Q6_K. Measured on the default model, top-1 / KL: plain 4-bit g64
 # 0.655 / 0.465, g32 0.695 / 0.343, mixed_4_6 0.690 / 0.338, mixed_4_6 + 6-bit tied head 0.795 / 0.231 (8-bit head:
-# 0.785 / 0.223); llama.cpp Q4_0 0.775 / 0.218.
+# 0.785 / 0.223; mlx-lm's GPTQ on edgepack's calibration text 0.640 / 0.452); llama.cpp Q4_0 0.775 / 0.218.
 _CONVERT = """
 import json, sys
 from mlx_lm import convert
