@@ -39,7 +39,7 @@ class MlxRunner(Runner):
 
     @classmethod
     def speed_note(cls) -> str | None:
-        return SPEED_NOTE if sys.platform != "darwin" else None
+        return SPEED_NOTE if COMPUTE else None  # computing in float32 is what makes it the CPU backend's figure
 
     def _load_model(self, artifact: Artifact) -> None:
         python = mlx_python()
