@@ -30,9 +30,9 @@ from edgepack.errors import EdgepackError
 # Peak export RSS per target ≈ a + b × parameters (GB, GB per billion), measured with /usr/bin/time on this
 # 2-core machine: the default model (135M) and a random model with Qwen2.5-0.5B's config (494M). cpu: 1.0 GB at
 # 135M, 1.96 GB at 494M; web 12.1, android 14.4, ios 12.1 GB at 494M. Validate and bench stay below export.
-# mac: mlx-lm's converter peaked at 0.49 GB on the default model (fp32 safetensors, loaded lazily); 135M only, so
-# its slope is the fp32 weights plus the same again.
-PEAK_GB = {"cpu": (0.9, 2.2), "web": (1.5, 21.5), "android": (1.5, 26.2), "ios": (1.5, 21.5), "mac": (0.9, 8.0)}
+# mac: mlx-lm's converter reads the safetensors lazily; its peak was 0.49 GB at 135M (fp32 file) and 1.08 GB at 494M
+# (Qwen2.5-0.5B's config, bf16 file, fp16 variant; q8 0.90, q4 0.78).
+PEAK_GB = {"cpu": (0.9, 2.2), "web": (1.5, 21.5), "android": (1.5, 26.2), "ios": (1.5, 21.5), "mac": (0.5, 2.2)}
 RESOURCE = "edgepack"  # one unit per node; a bench task takes all of it, so it runs alone there
 EXPORT_SHARE = 0.001
 _FLEET_KEYS = {"targets", "targets_file", "model"}
