@@ -18,7 +18,7 @@ from edgepack.errors import EdgepackError
 MANIFEST = "manifest.json"
 BASELINE_DIR = "baseline"  # an exporter's plain reference build of a variant, validated beside it for comparison
 LIBRARIES = ("edgepack", "torch", "transformers", "numpy", "gguf", "onnx", "onnxruntime", "coremltools",
-             "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "llama_cpp_python")
+             "litert-torch", "ai-edge-litert", "ai-edge-quantizer", "llama_cpp_python", "executorch", "torchao")
 
 
 @dataclass(frozen=True)

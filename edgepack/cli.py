@@ -123,7 +123,7 @@ def cmd_validate(args) -> int:
         ref = trace_reference(open_runner(source_artifact(source)))
     results, failed = [], []
     for artifact in artifacts:
-        thresholds = targets.thresholds(artifact.format, artifact.variant)
+        thresholds = targets.thresholds(artifact.format, artifact.variant, artifact.target)
         with console.status(f"validating {artifact.key}…"):
             result = validate_artifact(artifact, thresholds, ref)
         update_report(folder, source.slug, artifact, "parity", result)

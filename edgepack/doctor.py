@@ -7,7 +7,7 @@ import shutil
 
 from edgepack.exporters import EXPORTERS
 from edgepack.runtime import RUNNERS
-from edgepack.targets import FORMATS, Targets
+from edgepack.targets import FORMATS, Targets, format_targets
 
 # What a user should know about a format beyond "it works" (platform limits that are not bugs).
 NOTES = {
@@ -41,6 +41,6 @@ def diagnose(targets: Targets) -> list[dict]:
             notes.insert(0, "not in targets file")
         if fmt == "onnx" and not shutil.which("chromium"):
             notes.append("(chromium not installed)")
-        rows.append({"target": facts["target"], "format": fmt, "exporter": _state(exporter),
+        rows.append({"target": " ".join(format_targets(fmt)), "format": fmt, "exporter": _state(exporter),
                      "runner": _state(runner), "notes": "; ".join(n for n in notes if n)})
     return rows

@@ -81,3 +81,19 @@ def coreml_info(cfg, eos_ids: list[int], files: dict[str, str]) -> dict:
                   "the state once per conversation (MLModel.makeState()) and pass it to every prediction."),
         "files": files,
     }
+
+
+def executorch_info(cfg, max_seq_len: int, eos_ids: list[int], files: dict[str, str]) -> dict:
+    """<target>/executorch/model_info.json: the .pte's method (see exporters/executorch.py), read by its runner."""
+    return {
+        "format": "executorch", "family": cfg.family, "context_length": cfg.context_length,
+        "max_seq_len": max_seq_len, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "eos_token_ids": eos_ids,
+        "methods": {"forward": {
+            "inputs": {"tokens": {"shape": [1, "T"], "dtype": "int64"}, "input_pos": {"shape": [1], "dtype": "int64"}},
+            "outputs": {"logits": {"shape": [1, cfg.vocab_size], "dtype": "float32"}}}},
+        "usage": (f"T = 1..{max_seq_len} new tokens, input_pos = the cache slot of tokens[0] (tokens cached before "
+                  "them). The KV cache is inside the program: a new conversation starts again at input_pos 0. "
+                  "ExecuTorch's TextLLMRunner (iOS) and LlmModule (Android) drive this interface with tokenizer.json."),
+        "files": files,
+    }

@@ -21,6 +21,8 @@ FORMATS: dict[str, dict] = {
     "onnx-mobile": {"target": "android", "runner": "onnxruntime", "variants": ("q4",)},
     "coreml": {"target": "ios", "runner": "coreml", "variants": ("fp16", "int4", "int8")},
     "tflite": {"target": "android", "runner": "litert", "variants": ("fp32", "int8", "int4")},
+    # ExecuTorch .pte, the same file in both mobile targets (named pte-* so variant names stay unique per target)
+    "executorch": {"target": ("android", "ios"), "runner": "executorch", "variants": ("pte-fp32", "pte-8da4w")},
     # mlx-lm's folder layout; fp16 / bf16 weights, q8 / q4 MLX affine quantization (group 64, as mlx-lm's converter)
     "mlx": {"target": "mac", "runner": "mlx", "variants": ("fp16", "bf16", "q8", "q4")},
     "gguf": {
@@ -45,6 +47,12 @@ THRESHOLD_KEYS = {
 }
 _TARGET_KEYS = {"context_length", "execution_providers", *FORMATS}
 _FORMAT_KEYS = {"runner", "variants", "thresholds"}
+
+
+def format_targets(fmt: str) -> tuple[str, ...]:
+    """The targets a format belongs to (one, or several for a format shared by targets)."""
+    target = FORMATS[fmt]["target"]
+    return (target,) if isinstance(target, str) else target
 
 
 @dataclass(frozen=True)
@@ -79,11 +87,14 @@ class Targets:
                 )
         return [self.targets[n] for n in self.targets if n in names]
 
-    def thresholds(self, fmt: str, variant: str) -> dict[str, float]:
-        """The checks a variant of a format is held to ({} when the file sets none)."""
-        for target in self.targets.values():
-            if fmt in target.formats:
-                return target.formats[fmt].thresholds.get(variant, {})
+    def thresholds(self, fmt: str, variant: str, target: str | None = None) -> dict[str, float]:
+        """The checks a variant of a format is held to in a target (a format shared by targets: each has its own
+        table), or in the first target that builds the format; {} when the file sets none."""
+        if target in self.targets and fmt in self.targets[target].formats:
+            return self.targets[target].formats[fmt].thresholds.get(variant, {})
+        for spec in self.targets.values():
+            if fmt in spec.formats:
+                return spec.formats[fmt].thresholds.get(variant, {})
         return {}
 
 
@@ -133,13 +144,13 @@ def _load_target(path: Path, name: str, table: dict) -> TargetSpec:
     formats = {}
     for key, value in table.items():
         if key in FORMATS:
-            if FORMATS[key]["target"] != name:
+            if name not in format_targets(key):
                 raise EdgepackError(
-                    f"{path}: format '{key}' belongs to target '{FORMATS[key]['target']}', not '{name}'"
+                    f"{path}: format '{key}' belongs to target '{' or '.join(format_targets(key))}', not '{name}'"
                 )
             formats[key] = _load_format(path, name, key, value)
     if not formats:
-        valid = [f for f, facts in FORMATS.items() if facts["target"] == name]
+        valid = [f for f in FORMATS if name in format_targets(f)]
         raise EdgepackError(f"{path}: target '{name}' names no format; valid: {', '.join(valid)}")
     context = table.get("context_length", 2048)
     if not isinstance(context, int) or isinstance(context, bool) or not 16 <= context <= 131072:

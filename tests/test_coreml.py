@@ -138,7 +138,7 @@ def test_an_unsupported_architecture_is_one_error_line(tiny_models, tmp_path):
 def test_default_model_ios_exports_validates_and_bundles(default_source, tmp_path):
     from edgepack.mobile import verify_bundle
 
-    exported = cli("export", "--target", "ios", out=tmp_path)
+    exported = cli("export", "--target", "ios", "--variant", "fp16", "int4", out=tmp_path)  # .pte: test_executorch
     assert exported.returncode == 0, exported.stderr
     validated = cli("validate", "--target", "ios", "--json", out=tmp_path)
     assert validated.returncode == 0, validated.stdout + validated.stderr

@@ -131,7 +131,8 @@ def test_default_model_web_and_onnx_mobile_validate(default_source, default_dist
     folder = default_dist / default_source.slug
     assert (folder / "android" / "ort" / "model_q4.ort").is_file()
     assert "com.microsoft;1;GroupQueryAttention,MatMulNBits" in (folder / "android" / "ort" / "required_operators.config").read_text()
-    validated = cli("validate", "--target", "web", "android", "--json", out=default_dist)
+    validated = cli("validate", "--target", "web", "android", "--variant", "q4", "q4dq", "q4f16", "fp16", "q8", "fp32",
+                    "int8", "int4", "--json", out=default_dist)  # the .pte: tests/test_executorch.py
     assert validated.returncode == 0, validated.stdout + validated.stderr
     results = {r["key"]: r for r in json.loads(validated.stdout)}
     assert results["web/onnx/fp32"]["metrics"]["greedy"] == 1.0

@@ -14,7 +14,10 @@ def test_the_shipped_targets_file_has_the_default_matrix():
     assert targets.targets["web"].formats["onnx"].variants == ("q4", "q4dq", "q4f16", "fp16", "q8", "fp32")
     assert targets.targets["web"].execution_providers == ("webgpu", "wasm")
     assert targets.targets["ios"].formats["coreml"].variants == ("fp16", "int4")
-    assert set(targets.targets["android"].formats) == {"tflite", "onnx-mobile"}
+    assert set(targets.targets["android"].formats) == {"tflite", "onnx-mobile", "executorch"}
+    for name in ("android", "ios"):  # the same .pte files in both, each target with its table
+        assert targets.targets[name].formats["executorch"].variants == ("pte-8da4w", "pte-fp32")
+        assert targets.thresholds("executorch", "pte-fp32", name) == {"max_abs_logit": 1e-3, "min_greedy": 1.0}
     assert targets.targets["cpu"].formats["gguf"].variants == ("F16", "Q8_0", "Q5_K_S", "Q4_K_M", "Q4_0", "Q2_K")
     assert targets.targets["cpu"].formats["gguf"].thresholds["F16"]["min_top1"] == 0.999
     assert targets.targets["mac"].formats["mlx"].variants == ("fp16", "q8", "q4")
@@ -25,6 +28,7 @@ def test_the_shipped_targets_file_has_the_default_matrix():
     ('[desktop.gguf]\nvariants = ["F16"]\n', "unknown key 'desktop'; valid: web, ios, android, cpu, mac"),
     ('[cpu.gguf]\nvariants = ["Q4_K_XL"]\n', "unknown variant 'cpu.gguf.variants: Q4_K_XL'; valid: F32, F16"),
     ('[cpu.onnx]\nvariants = ["q4"]\n', "format 'onnx' belongs to target 'web', not 'cpu'"),
+    ('[cpu.executorch]\nvariants = ["pte-fp32"]\n', "format 'executorch' belongs to target 'android or ios', not 'cpu'"),
     ('[cpu.gguf]\nvariants = ["F16"]\nrunner = "onnxruntime"\n', "unknown runner"),
     ('[cpu.gguf]\nvariants = ["F16"]\n[cpu.gguf.thresholds]\nF16 = { min_top = 0.9 }\n', "unknown key 'cpu.gguf.thresholds.F16.min_top'"),
     ('[cpu.gguf]\nvariants = ["F16"]\n[cpu.gguf.thresholds]\nF16 = { min_top1 = "high" }\n', "must be a number"),

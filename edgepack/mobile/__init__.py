@@ -4,6 +4,8 @@
     bundles/android/src/main/java/ai/edgepack/EdgepackLlm.kt    LiteRT Interpreter: prefill + greedy decode
     bundles/ios/Resources/…                      the .mlpackage(s), tokenizer, configs, model_info.json
     bundles/ios/Sources/EdgepackLlm.swift        Core ML: state, prefill + greedy decode
+    bundles/<platform>/…/executorch/             the .pte files, tokenizer.json, model_info.json (when exported):
+                                                 for ExecuTorch's own LLM runners, named in the README
     bundles/<platform>/README.md                 what goes where (Gradle noCompress, Xcode target membership)
     bundles/<platform>/bundle-manifest.json      sha256 and size of every other file
 
@@ -48,6 +50,13 @@ Model files must stay uncompressed in the APK so they can be memory-mapped. In `
 prefill length and the end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lists the
 sha256 of every file (`edgepack bundle --verify DIR` re-checks them).
 
+ExecuTorch instead of LiteRT: `executorch/model_8da4w.pte` (or `model_fp32.pte`) with `executorch/tokenizer.json`
+runs in ExecuTorch's own LLM runner, `org.pytorch.executorch.extension.llm.LlmModule` from
+`implementation("org.pytorch:executorch-android:1.0.1")` (add "pte" to noCompress). It takes file paths, so copy
+both files from the assets to `filesDir` once, then `LlmModule(ptePath, tokenizerPath, 0.0f)`, `load()`, and
+`generate(prompt, seqLen, callback)` with the prompt already in the model's chat format (`chat_template.jinja`).
+`executorch/model_info.json` describes the program's one method (forward(tokens, input_pos), the KV cache inside).
+
 Files:
 {files}
 """,
@@ -59,6 +68,13 @@ Add `Resources/` to your app target (the .mlpackage compiles to .mlmodelc at bui
 `model_info.json` names the inputs, outputs and states and their shapes, the context length and the
 end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lists the sha256 of every file
 (`edgepack bundle --verify DIR` re-checks them).
+
+ExecuTorch instead of Core ML: `executorch/model_8da4w.pte` (or `model_fp32.pte`) with `executorch/tokenizer.json`
+runs in ExecuTorch's own LLM runner: add the `executorch` Swift package (products `executorch_llm`,
+`backend_xnnpack`, `kernels_llm`, `kernels_optimized`), `import ExecuTorchLLM`, create
+`TextLLMRunner(modelPath:tokenizerPath:)` with the two files' bundle paths and call its `generate` with the prompt
+already in the model's chat format (`chat_template.jinja`) and a token callback. `executorch/model_info.json`
+describes the program's one method (forward(tokens, input_pos), the KV cache inside).
 
 Files:
 {files}

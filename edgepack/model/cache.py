@@ -9,6 +9,7 @@ one capacity for all layers, which costs memory on Gemma 3's local layers but ke
     TensorCache     the cache passed in and returned (index_copy): the reference decoder
     ReadOnlyCache   the cache is read, never written; this step's keys and values come out (TFLite signatures)
     StateCache      buffers written in place, read up to the tokens in use (Core ML state)
+    CustomOpCache   per-layer buffers [1, C, kv, D] written and read by ExecuTorch's llama:: custom ops (.pte)
 """
 
 from __future__ import annotations
@@ -124,3 +125,24 @@ class StateCache:
         keys = self.k_cache[layer, :, :, :self.end].float()
         values = self.v_cache[layer, :, :, :self.end].float()
         return attention(q, [(keys, values)], self.mask(window), scale)
+
+
+class CustomOpCache:
+    """ExecuTorch's LLM layout: one buffer [1, C, kv heads, D] per layer, written at `start` by llama::update_cache
+    and attended by llama::custom_sdpa (causal from start; a sliding window as an additive mask), the ops
+    ExecuTorch's own Llama export uses (registered by importing executorch.extension.llm.custom_ops). Its
+    custom_sdpa reads only the slots up to start + T, so a cache need not be cleared between sequences."""
+
+    def __init__(self, k_caches, v_caches, start, steps: int):
+        self.k_caches, self.v_caches, self.start, self.steps = k_caches, v_caches, start, steps
+        capacity = k_caches[0].shape[1]
+        queries = start + torch.arange(steps)
+        self.mask = _Masks(lambda window: torch.where(in_window(queries, torch.arange(capacity), window), 0.0, FLOOR))
+
+    def attend(self, layer, q, k, v, window, scale):
+        keys, values = self.k_caches[layer], self.v_caches[layer]
+        torch.ops.llama.update_cache(k.transpose(1, 2), keys, self.start)
+        torch.ops.llama.update_cache(v.transpose(1, 2), values, self.start)
+        mask = None if window is None else self.mask(window)
+        out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, self.start, mask, 0.0, window is None, scale)
+        return out.reshape(1, self.steps, -1)

@@ -1,7 +1,9 @@
-"""Asymmetric 4-bit weights on runtimes whose int4 kernels are symmetric-only (LiteRT, and Core ML's exact path).
+"""Asymmetric 4-bit weights on runtimes whose int4 kernels are symmetric-only (LiteRT, ExecuTorch's XNNPACK, and
+Core ML's exact path).
 
-Shared by the tflite and coreml exporters: a copy of the reference decoder whose transformer-layer Linears hold
-weights exactly on a symmetric 4-bit grid per block of 32, plus small per-block offsets (see OffsetLinear).
+Shared by the tflite, coreml and executorch exporters: a copy of the reference decoder whose transformer-layer
+Linears hold weights exactly on a symmetric 4-bit grid per block of 32, plus small per-block offsets (see
+OffsetLinear).
 """
 
 from __future__ import annotations

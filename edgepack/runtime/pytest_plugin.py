@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(session, config, items):
     if not folder.is_dir():
         raise pytest.UsageError(f"--edgepack-dist {dist}: no such folder")
     for artifact in artifacts_in(folder):
-        thresholds = targets.thresholds(artifact.format, artifact.variant)
+        thresholds = targets.thresholds(artifact.format, artifact.variant, artifact.target)
         for check in thresholds:
             items.append(ParityCheck.from_parent(session, name=f"{artifact.key}[{check}]", artifact=artifact,
                                                  check=check, thresholds=thresholds, shared=shared))
