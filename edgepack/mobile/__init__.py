@@ -71,7 +71,8 @@ end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lis
 
 ExecuTorch instead of Core ML: `executorch/model_8da4w.pte` (or `model_fp32.pte`) with `executorch/tokenizer.json`
 runs in ExecuTorch's own LLM runner: add the `executorch` Swift package (products `executorch_llm`,
-`backend_xnnpack`, `kernels_llm`, `kernels_optimized`), `import ExecuTorchLLM`, create
+`backend_xnnpack`, `kernels_llm`, `kernels_optimized`, with the linker flags its iOS guide gives so the kernels
+register), `import ExecuTorchLLM`, create
 `TextLLMRunner(modelPath:tokenizerPath:)` with the two files' bundle paths and call its `generate` with the prompt
 already in the model's chat format (`chat_template.jinja`) and a token callback. `executorch/model_info.json`
 describes the program's one method (forward(tokens, input_pos), the KV cache inside).
