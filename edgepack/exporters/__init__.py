@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from edgepack import __version__
-from edgepack.artifacts import BASELINE_DIR, MANIFEST, atomic_dir, file_entry, library_versions, read_manifest, write_json
+from edgepack.artifacts import (BASELINE_DIR, MANIFEST, atomic_dir, file_entry, library_versions, link_or_copy,
+                                read_manifest, write_json)
 from edgepack.errors import EdgepackError
-from edgepack.exporters.base import EXPORTERS, Exporter, register
+from edgepack.exporters.base import EXPORTERS, Exporter, register, reusable_entries
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
 
@@ -22,25 +21,6 @@ __all__ = ["EXPORTERS", "Exporter", "register", "export_target"]
 # reported as "not available yet" by doctor and skipped by `export --target all`.
 for _module in ("gguf", "onnx_web", "onnx_mobile", "tflite", "coreml", "mlx", "executorch"):
     __import__(f"edgepack.exporters.{_module}")
-
-
-def _reusable(old: dict | None, source: Source, target: TargetSpec, fmt: str) -> dict[str, dict]:
-    """Variants of an existing manifest that are still exactly what an export now would write."""
-    if not old or old.get("source", {}).get("sha256") != source.sha256 or old.get("context_length") != target.context_length:
-        return {}
-    version = EXPORTERS[fmt].version
-    return {
-        a["variant"]: a for a in old["artifacts"]
-        if a["format"] == fmt and a.get("exporter_version") == version and a.get("edgepack") == __version__
-    }
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 @contextlib.contextmanager
@@ -60,12 +40,12 @@ def export_target(
     old = read_manifest(final)
     plan = []  # (fmt, variant, reusable manifest entry or None)
     for fmt, names in variants.items():
-        reuse = _reusable(old, source, target, fmt)
+        reuse = reusable_entries(old, source, target, fmt)
         plan += [(fmt, v, None if force else reuse.get(v)) for v in names]
     asked = {(fmt, v) for fmt, v, _ in plan}
     for entry in old["artifacts"] if old else []:  # exported before, not asked for now: keep if still current
         fmt = entry["format"]
-        if (fmt, entry["variant"]) not in asked and fmt in EXPORTERS and entry["variant"] in _reusable(old, source, target, fmt):
+        if (fmt, entry["variant"]) not in asked and fmt in EXPORTERS and entry["variant"] in reusable_entries(old, source, target, fmt):
             plan.append((fmt, entry["variant"], entry))
     if old and all(entry for _, _, entry in plan) and len(plan) == len(old["artifacts"]):
         log(f"{target.name}: up to date ({', '.join(v for _, v, _ in plan)}); --force rebuilds")
@@ -79,7 +59,7 @@ def export_target(
             if entry:
                 for f in entry["files"] + entry.get("baseline_files", []) + old["shared_files"]:
                     if not (tmp / f["path"]).exists():
-                        _link_or_copy(final / f["path"], tmp / f["path"])
+                        link_or_copy(final / f["path"], tmp / f["path"])
                 artifacts.append(entry)
                 log(f"{target.name}: {fmt} {variant} up to date")
                 continue

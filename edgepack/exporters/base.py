@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+from edgepack import __version__
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
 
@@ -15,6 +16,17 @@ def register(cls: type["Exporter"]) -> type["Exporter"]:
     """Class decorator: make an exporter available under its format name."""
     EXPORTERS[cls.format] = cls
     return cls
+
+
+def reusable_entries(old: dict | None, source: Source, target: TargetSpec, fmt: str) -> dict[str, dict]:
+    """Variants of an existing manifest that are still exactly what an export now would write."""
+    if not old or old.get("source", {}).get("sha256") != source.sha256 or old.get("context_length") != target.context_length:
+        return {}
+    version = EXPORTERS[fmt].version
+    return {
+        a["variant"]: a for a in old["artifacts"]
+        if a["format"] == fmt and a.get("exporter_version") == version and a.get("edgepack") == __version__
+    }
 
 
 class Exporter:

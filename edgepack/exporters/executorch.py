@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -31,16 +30,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgepack import __version__
-from edgepack.artifacts import read_manifest, write_json
+from edgepack.artifacts import link_or_copy, read_manifest, write_json
 from edgepack.errors import EdgepackError
-from edgepack.exporters.base import Exporter, register
+from edgepack.exporters.base import Exporter, register, reusable_entries
 from edgepack.model.cache import CustomOpCache
 from edgepack.model.offset_linear import with_offset_linears
 from edgepack.model_info import MODEL_INFO, eos_ids, executorch_info
 from edgepack.native import modules_missing, quiet_stderr
 from edgepack.source import Source
-from edgepack.targets import FORMATS, TargetSpec
+from edgepack.targets import TargetSpec, format_targets
 
 FOLDER = "executorch"
 MAX_SEQ_LEN = 128  # the longest chunk one forward call takes: export_llama's default
@@ -179,22 +177,12 @@ class ExecuTorchExporter(Exporter):
 
 def _link_sibling(source: Source, variant: str, out: Path, target: TargetSpec, path: Path) -> bool:
     """Hard-link (or copy) the same .pte from the other target's folder when it is still exactly what this export
-    would write; True when it did."""
-    for other in FORMATS["executorch"]["target"]:
-        if other == target.name:
-            continue
-        manifest = read_manifest(out.parent / other)
-        if not manifest or manifest["source"]["sha256"] != source.sha256 or \
-                manifest["context_length"] != target.context_length:
-            continue
-        for entry in manifest["artifacts"]:
-            if entry["format"] == "executorch" and entry["variant"] == variant and \
-                    entry.get("exporter_version") == ExecuTorchExporter.version and entry.get("edgepack") == __version__:
-                src = out.parent / other / entry["files"][0]["path"]
-                if src.is_file() and src.stat().st_size == entry["files"][0]["bytes"]:
-                    try:
-                        os.link(src, path)
-                    except OSError:
-                        shutil.copy2(src, path)
-                    return True
+    would write (the test export_target applies to a target's own old files); True when it did."""
+    for other in set(format_targets("executorch")) - {target.name}:
+        entry = reusable_entries(read_manifest(out.parent / other), source, target, "executorch").get(variant)
+        if entry:
+            src = out.parent / other / entry["files"][0]["path"]
+            if src.is_file() and src.stat().st_size == entry["files"][0]["bytes"]:
+                link_or_copy(src, path)
+                return True
     return False
