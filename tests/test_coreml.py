@@ -86,6 +86,9 @@ def test_structure_matches_model_info(tiny_ios):
     assert facts["quantized_weights"].get("constexpr_blockwise_shift_scale(int4)", 0) >= 8  # layers in int4 blocks
     _, _, plain = load_checked(package_of(found["fp16"].files[0]), info)
     assert plain["quantized_weights"] == {}
+    # attention is the iOS 18 fused op, once per layer, in both programs (Apple's recipe; no q·kᵀ → softmax chain)
+    assert facts["fused_attention"] == plain["fused_attention"] == layers
+    assert "softmax" not in {op.op_type for op in program.functions["main"].operations}
 
 
 def test_an_unknown_op_fails_and_is_named(tiny_ios, monkeypatch):
@@ -95,8 +98,8 @@ def test_an_unknown_op_fails_and_is_named(tiny_ios, monkeypatch):
     _, found = tiny_ios
     info = json.loads((found["fp16"].dir / "model_info.json").read_text())
     _, program, _ = load_checked(package_of(found["fp16"].files[0]), info)
-    monkeypatch.delitem(mil.OPS, "softmax")
-    with pytest.raises(mil.UnknownOp, match="MIL op\\(s\\) softmax not implemented"):
+    monkeypatch.delitem(mil.OPS, "scaled_dot_product_attention")
+    with pytest.raises(mil.UnknownOp, match="MIL op\\(s\\) scaled_dot_product_attention not implemented"):
         mil.MILInterpreter(program)
 
 

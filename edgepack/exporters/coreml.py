@@ -138,7 +138,7 @@ def save(mlmodel, path: Path) -> Path:
 @register
 class CoreMLExporter(Exporter):
     format = "coreml"
-    version = "1"
+    version = "2"  # 2: fused scaled_dot_product_attention
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -8,13 +8,14 @@ one capacity for all layers, which costs memory on Gemma 3's local layers but ke
 
     TensorCache     the cache passed in and returned (index_copy): the reference decoder
     ReadOnlyCache   the cache is read, never written; this step's keys and values come out (TFLite signatures)
-    StateCache      buffers written in place, read up to the tokens in use (Core ML state)
+    StateCache      buffers written in place, read up to the tokens in use, fused attention (Core ML state)
     CustomOpCache   per-layer buffers [1, C, kv, D] written and read by ExecuTorch's llama:: custom ops (.pte)
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 FLOOR = torch.finfo(torch.float32).min
 
@@ -41,6 +42,22 @@ def attention(q, segments, visible, scale: float):
     return out.reshape(1, heads, steps, dim).transpose(1, 2).reshape(1, steps, heads * dim)
 
 
+def fused_attention(q, keys, values, visible, scale: float):
+    """`attention` over one segment as one F.scaled_dot_product_attention call, which coremltools turns into the
+    iOS 18 fused `scaled_dot_product_attention` op (Apple's recipe for LLMs on Core ML). That op has no scale
+    argument (coremltools decomposes a call that passes one), so q is pre-scaled to make its 1/√D the model's
+    scale, and the query heads are grouped per KV head as in `attention` ([1, kv, group · T, D]), so GQA needs no
+    repeated cache. visible: an additive float mask [T, S]."""
+    _, heads, steps, dim = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    q = q.reshape(1, kv_heads, group * steps, dim)
+    if abs(scale * dim**0.5 - 1.0) > 1e-6:
+        q = q * (scale * dim**0.5)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible.repeat(group, 1))
+    return out.reshape(1, heads, steps, dim).transpose(1, 2).reshape(1, steps, heads * dim)
+
+
 def in_window(query_positions, key_positions, window: int | None):
     """[T, S] bool: key is not in the future of the query and, with a window, fewer than `window` back."""
     back = query_positions[:, None] - key_positions[None, :]
@@ -61,12 +78,13 @@ class _Masks:
 
 
 class TensorCache:
-    """Cache tensors [layers, 1, kv, C, D] updated with index_copy at `positions`: in place or as new tensors."""
+    """Cache tensors [layers, 1, kv, C, D] (or a list of [1, kv, C, D], one per layer) updated with index_copy at
+    `positions`: in place, or as new tensors (the reference; LiteRT-LM's kv_cache_* signatures)."""
 
     def __init__(self, k_cache, v_cache, positions, inplace: bool):
         self.k_cache, self.v_cache, self.inplace = k_cache, v_cache, inplace
         self.positions = positions
-        slots = torch.arange(k_cache.shape[3], dtype=positions.dtype)
+        slots = torch.arange(k_cache[0].shape[-2], dtype=positions.dtype)
         self.mask = _Masks(lambda window: in_window(positions, slots, window))
         self.keys, self.values = [], []
 
@@ -108,6 +126,7 @@ class StateCache:
     """fp16 buffers [layers, 1, kv, C, D] written in place at slots past..end-1, attention over slots 0..end-1.
 
     causal_mask [1, 1, T, E] is the Core ML input (additive, fp16); a sliding window is added inside the graph.
+    Attention is the fused op (fused_attention).
     """
 
     def __init__(self, k_cache, v_cache, causal_mask, past, end):
@@ -124,7 +143,7 @@ class StateCache:
         self.v_cache[layer:layer + 1, :, :, self.past:self.end] = v.half()[None]
         keys = self.k_cache[layer, :, :, :self.end].float()
         values = self.v_cache[layer, :, :, :self.end].float()
-        return attention(q, [(keys, values)], self.mask(window), scale)
+        return fused_attention(q, keys, values, self.mask(window), scale)
 
 
 class CustomOpCache:

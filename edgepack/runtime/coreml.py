@@ -120,7 +120,9 @@ def structure(spec, program, info: dict) -> dict:
             kind = types.builtin_to_string(op.inputs["data"].dtype) if "data" in op.inputs else "?"
             key = f"{op.op_type}({kind})"
             weights[key] = weights.get(key, 0) + 1
-    return {"problems": problems, "op_types": len({op.op_type for op in ops}), "quantized_weights": weights}
+    fused = sum(op.op_type == "scaled_dot_product_attention" for op in ops)
+    return {"problems": problems, "op_types": len({op.op_type for op in ops}), "quantized_weights": weights,
+            "fused_attention": fused}
 
 
 def causal_mask(past: int, steps: int) -> np.ndarray:
@@ -195,7 +197,8 @@ class CoreMLRunner(Runner):
     def compatibility(self) -> dict[str, str]:
         weights = ", ".join(f"{n}× {k}" for k, n in self.structure["quantized_weights"].items()) or "fp16 constants"
         facts = {"spec": f"iOS 18 ML Program, {self.structure['op_types']} op types all in the iOS 18 opset, "
-                         f"inputs/outputs/states as model_info.json; weights: {weights}"}
+                         f"inputs/outputs/states as model_info.json; weights: {weights}",
+                 "attention": f"{self.structure['fused_attention']}× iOS 18 fused scaled_dot_product_attention"}
         if core_ml_available():
             return facts | {"Core ML": "ran on this Mac"}
         return facts | {"Core ML": "not run here (needs macOS); numbers from edgepack's MIL interpreter, fp16 emulated"}

@@ -89,6 +89,16 @@ def _gelu(a):
     return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
 
 
+def _sdpa(a):
+    """iOS 18 scaled_dot_product_attention: softmax(Q·Kᵀ / √D + mask) · V, mask bool (True = attend) or additive.
+    Evaluated in fp32 and rounded once at the output, as a fused kernel keeps its intermediates."""
+    q, k, v, mask = a["query"], a["key"], a["value"], a.get("attn_mask")
+    scores = (q @ np.swapaxes(k, -1, -2)) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores + (np.where(mask, 0.0, -np.inf) if mask.dtype == bool else mask)
+    return _softmax({"x": scores}) @ v
+
+
 def _matmul(a):
     x, y = a["x"], a["y"]
     if a.get("transpose_x"):
@@ -134,6 +144,7 @@ OPS = {
     "linear": lambda a: a["x"] @ a["weight"].T + (a["bias"] if a.get("bias") is not None else 0.0),
     "matmul": _matmul,
     "softmax": _softmax,
+    "scaled_dot_product_attention": _sdpa,
     "gather": _gather,
     "concat": lambda a: np.concatenate([np.atleast_1d(v) for v in a["values"]], axis=int(a["axis"])),
     "slice_by_index": _slice_by_index,
