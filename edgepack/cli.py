@@ -106,9 +106,7 @@ def cmd_export(args) -> int:
 
 def cmd_validate(args) -> int:
     from edgepack.artifacts import model_dir
-    from edgepack.runtime import open_runner
-    from edgepack.runtime.parity import trace_reference, validate_artifact
-    from edgepack.runtime.reference import source_artifact
+    from edgepack.runtime.parity import reference_trace, validate_artifact
     from edgepack.runtime.report import update_report
 
     console = _console()
@@ -119,8 +117,8 @@ def cmd_validate(args) -> int:
     if not artifacts:
         console.print(f"nothing to validate under {folder}: run edgepack export first")
         return 0
-    with console.status("running the reference on the prompt set…"):
-        ref = trace_reference(open_runner(source_artifact(source)))
+    with console.status("running the reference on the prompt set (or reading its cached trace)…"):
+        ref = reference_trace(source)
     results, failed = [], []
     for artifact in artifacts:
         thresholds = targets.thresholds(artifact.format, artifact.variant, artifact.target)
@@ -138,6 +136,10 @@ def cmd_validate(args) -> int:
             if "baseline" in result:
                 b = result["baseline"]
                 console.print(f"  its plain build (baseline/): KL {b['kl']:.4g}, top-1 {b['top1']:.3f}")
+            if "engine_greedy" in m:
+                console.print(f"  LiteRT-LM engine: greedy text equal to this runner's on "
+                              f"{m['engine_greedy'] * 100:.0f} % of the chat prompts "
+                              f"{'; ' + '; '.join(m['engine_notes']) if m['engine_notes'] else ''}".rstrip())
             for runtime, verdict in result.get("compatibility", {}).items():
                 console.print(f"  {runtime}: {verdict}")
     if args.json:
@@ -181,6 +183,12 @@ def cmd_bench(args) -> int:
             result = results[artifact.key]
             console.print(f"{artifact.key}: load {result['load_s']:.2f} s, TTFT {result['ttft_s']:.3f} s, "
                           f"{result['decode_tok_s']:.1f} tok/s, peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB")
+            if "whole_cache_decode_tok_s" in result:
+                console.print(f"  short-cache decode: {result['short_cache_speedup']:.2f}× the whole-cache signature's "
+                              f"{result['whole_cache_decode_tok_s']:.1f} tok/s (same run)")
+            if engine := result.get("engine"):
+                console.print(f"  in {engine['name']}: TTFT {engine['ttft_s']:.3f} s, {engine['decode_tok_s']:.1f} "
+                              f"tok/s over {engine['decode_tokens']} tokens")
     probes.append(memory_read_bandwidth())
     bandwidth = add_rooflines(list(results.values()), probes)
     if not args.json:

@@ -37,7 +37,8 @@ def input_names(layers: int, with_length: bool) -> list[str]:
             *[f"k_{i}" for i in range(layers)], *[f"v_{i}" for i in range(layers)]]
 
 
-def tflite_info(cfg, prefill_length: int, eos_ids: list[int], files: dict[str, str]) -> dict:
+def tflite_info(cfg, prefill_length: int, eos_ids: list[int], files: dict[str, str],
+                windows: dict[str, int]) -> dict:
     """android/model_info.json: the .tflite signatures (see exporters/tflite.py), read by the runner and EdgepackLlm.kt."""
     cache = [1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
     layers = cfg.num_layers
@@ -56,11 +57,14 @@ def tflite_info(cfg, prefill_length: int, eos_ids: list[int], files: dict[str, s
         "format": "tflite", "family": cfg.family, "context_length": cfg.context_length,
         "prefill_length": prefill_length, "num_layers": layers, "num_kv_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "eos_token_ids": eos_ids,
-        "signatures": {"prefill": signature(prefill_length, True), "decode": signature(1, False)},
+        "signatures": {"prefill": signature(prefill_length, True), "decode": signature(1, False),
+                       **{name: signature(1, False) for name in windows}},
+        "decode_windows": windows,
         "usage": ("Prompt longer than prefill_length: call prefill on chunks of it with position = chunk start. "
                   "prefill pads tokens after `length`. After each call write k_new[l][:, :, :n] / v_new[l] into "
                   "inputs k_l / v_l at slots position..position+n-1 (n = length, or 1 for decode); the graph "
-                  "reads the cache, it does not return it."),
+                  "reads the cache, it does not return it. Decode with the smallest decode_<S> in decode_windows "
+                  "whose S >= position (it reads only the first S slots), else decode (the whole cache)."),
         "files": files,
     }
 
@@ -79,6 +83,28 @@ def coreml_info(cfg, eos_ids: list[int], files: dict[str, str]) -> dict:
         "usage": ("T = new tokens this call (the prompt for prefill, 1 for decode), E = tokens cached after it "
                   f"(≤ {cfg.context_length}). causal_mask[0, 0, t, e] = 0 when e ≤ E − T + t, else -65504. Create "
                   "the state once per conversation (MLModel.makeState()) and pass it to every prediction."),
+        "files": files,
+    }
+
+
+def litertlm_info(cfg, prefill_length: int, files: dict[str, str]) -> dict:
+    """android/litertlm/model_info.json: the signatures inside each .litertlm (see exporters/litertlm.py)."""
+    cache = {"shape": [1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim], "dtype": "float32"}
+    caches = {f"kv_cache_{kind}_{i}": cache for kind in "kv" for i in range(cfg.num_layers)}
+
+    def ids(steps):
+        return {"tokens": {"shape": [1, steps], "dtype": "int32"}, "input_pos": {"shape": [steps], "dtype": "int32"}}
+
+    return {
+        "format": "litertlm", "family": cfg.family, "context_length": cfg.context_length,
+        "prefill_length": prefill_length, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+        "signatures": {
+            f"prefill_{prefill_length}": {"inputs": ids(prefill_length) | caches, "outputs": caches},
+            "decode": {"inputs": ids(1) | caches,
+                       "outputs": {"logits": {"shape": [1, 1, cfg.vocab_size], "dtype": "float32"}} | caches}},
+        "usage": ("Load the .litertlm with LiteRT-LM (Engine / Conversation); it holds the tokenizer, chat template "
+                  "and stop tokens. Driving the .tflite by hand: tokens at input_pos (prefill padded with position "
+                  "0), each call returns every cache whole, fed back as the next call's inputs."),
         "files": files,
     }
 

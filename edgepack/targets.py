@@ -21,6 +21,8 @@ FORMATS: dict[str, dict] = {
     "onnx-mobile": {"target": "android", "runner": "onnxruntime", "variants": ("q4",)},
     "coreml": {"target": "ios", "runner": "coreml", "variants": ("fp16", "int4", "int8")},
     "tflite": {"target": "android", "runner": "litert", "variants": ("fp32", "int8", "int4")},
+    # LiteRT-LM bundles (.litertlm) of the int8 / int4 .tflite in LiteRT-LM's signature convention
+    "litertlm": {"target": "android", "runner": "litertlm", "variants": ("litertlm-int8", "litertlm-int4", "litertlm-fp32")},
     # ExecuTorch .pte, the same file in both mobile targets (named pte-* so variant names stay unique per target)
     "executorch": {"target": ("android", "ios"), "runner": "executorch", "variants": ("pte-fp32", "pte-8da4w")},
     # mlx-lm's folder layout; fp16 / bf16 weights, q8 / q4 MLX affine quantization (group 64, as mlx-lm's converter)
@@ -44,6 +46,8 @@ THRESHOLD_KEYS = {
     "min_top1": "teacher-forced top-1 agreement",
     "min_greedy": "fraction of chat prompts whose greedy answer equals the reference through end-of-turn",
     "max_ppl_ratio": "perplexity on the passage, artifact / reference",
+    "min_engine_greedy": "fraction of chat prompts whose greedy text in the app's engine (LiteRT-LM) equals the "
+                         "runner's on the same file (a difference at a < 0.1-logit near-tie counts as equal)",
 }
 _TARGET_KEYS = {"context_length", "execution_providers", *FORMATS}
 _FORMAT_KEYS = {"runner", "variants", "thresholds"}

@@ -75,3 +75,19 @@ def test_generation_stops_at_end_of_turn_and_streams_text(default_source):
     assert "Paris" in text
     ids = list(runner.generate_ids(runner.encode("What is the capital of France?"), 32))
     assert ids[-1] == 2 and len(ids) < 32  # <|im_end|>
+
+
+def test_the_reference_trace_is_cached_and_a_damaged_cache_is_recomputed(tiny_models, tmp_path, monkeypatch):
+    from edgepack.runtime.parity import reference_trace
+
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path))
+    source = resolve(str(tiny_models["qwen3"]))
+    first = reference_trace(source, max_new_tokens=8)
+    [stored] = (tmp_path / "traces").glob("*.npz")
+    again = reference_trace(source, max_new_tokens=8)
+    assert again.prompts == first.prompts and again.answers == first.answers and again.passage == first.passage
+    assert all(np.array_equal(a, b) for a, b in zip(again.logits, first.logits))
+    assert np.array_equal(again.passage_logits, first.passage_logits)
+    stored.write_bytes(b"not an npz")  # a damaged file is recomputed, not trusted
+    assert reference_trace(source, max_new_tokens=8).answers == first.answers
+    assert sorted((tmp_path / "traces").glob("*.npz")) == [stored] and stored.stat().st_size > 100

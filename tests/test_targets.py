@@ -14,7 +14,9 @@ def test_the_shipped_targets_file_has_the_default_matrix():
     assert targets.targets["web"].formats["onnx"].variants == ("q4", "q4dq", "q4f16", "fp16", "q8", "fp32")
     assert targets.targets["web"].execution_providers == ("webgpu", "wasm")
     assert targets.targets["ios"].formats["coreml"].variants == ("fp16", "int4")
-    assert set(targets.targets["android"].formats) == {"tflite", "onnx-mobile", "executorch"}
+    assert set(targets.targets["android"].formats) == {"tflite", "litertlm", "onnx-mobile", "executorch"}
+    assert targets.targets["android"].formats["litertlm"].variants == ("litertlm-int8", "litertlm-int4")
+    assert targets.thresholds("litertlm", "litertlm-int8", "android")["min_engine_greedy"] == 1.0
     for name in ("android", "ios"):  # the same .pte files in both, each target with its table
         assert targets.targets[name].formats["executorch"].variants == ("pte-8da4w", "pte-fp32")
         assert targets.thresholds("executorch", "pte-fp32", name) == {"max_abs_logit": 1e-3, "min_greedy": 1.0}

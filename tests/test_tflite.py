@@ -64,7 +64,9 @@ def test_tflite_layout_and_model_info(tiny_android):
         assert (folder / "tflite" / name).stat().st_size > 1000
     assert (folder / "baseline" / "tflite" / "model_int4.tflite").is_file()
     info = json.loads((folder / "model_info.json").read_text())
-    assert set(info["signatures"]) == {"prefill", "decode"} and info["prefill_length"] == 128
+    assert set(info["signatures"]) == {"prefill", "decode", "decode_256", "decode_512", "decode_1024"}
+    assert info["decode_windows"] == {"decode_256": 256, "decode_512": 512, "decode_1024": 1024}
+    assert info["prefill_length"] == 128
     assert info["signatures"]["prefill"]["inputs"]["length"] == {"shape": [1], "dtype": "int32"}
     assert info["eos_token_ids"] == [2]
     from ai_edge_litert.interpreter import Interpreter
@@ -76,17 +78,19 @@ def test_tflite_layout_and_model_info(tiny_android):
 
 
 def test_tflite_fp32_equals_reference_with_chunked_prefill(tiny_android):
-    """A 300-token prompt is prefilled in three chunks of 128, then 8 decode steps: every logit within 1e-4."""
+    """A 250-token prompt is prefilled in two chunks of 128, then 12 decode steps that move from decode_256 to
+    decode_512 (the short-cache signatures) as the chat passes 256 tokens: every logit within 1e-4."""
     from edgepack.artifacts import Artifact
     from edgepack.model.weights import load_decoder
     from edgepack.runtime import open_runner
 
     source, folder = tiny_android
     model = load_decoder(source.path, 512)
-    ids = [int(t) for t in np.random.default_rng(0).integers(3, model.cfg.vocab_size, 300)]
+    ids = [int(t) for t in np.random.default_rng(0).integers(3, model.cfg.vocab_size, 250)]
     runner = open_runner(Artifact("android", "tflite", "fp32", folder, (folder / "tflite" / FILE_NAMES["fp32"],)))
+    assert [slots for slots, _ in runner.decode_sigs] == [256, 512, 1024, 2048]
     logits = runner.prefill(ids)
-    for _ in range(8):
+    for _ in range(12):
         expected = reference_logits(model, ids)[-1]
         assert np.abs(logits - expected).max() < 1e-4
         ids.append(int(np.argmax(expected)))
@@ -110,8 +114,9 @@ def test_tflite_quantized_variants_track_the_reference(tiny_android):
     assert int4["metrics"]["kl"] < int4["baseline"]["kl"], int4
     # tflite-runtime 2.14 (apps' older package) runs int8; its blockwise int4 kernels predate this format and crash
     # on some shapes (the default model's: tests/test_onnx.py), so int4's verdict is either, but always one of them
-    assert int8_result["compatibility"]["tflite-runtime 2.14"] == "loads and runs; signatures decode, prefill"
-    assert re.fullmatch(r"loads and runs; signatures decode, prefill|fails: .+",
+    signatures = "decode, decode_1024, decode_256, decode_512, prefill"
+    assert int8_result["compatibility"]["tflite-runtime 2.14"] == f"loads and runs; signatures {signatures}"
+    assert re.fullmatch(rf"loads and runs; signatures {signatures}|fails: .+",
                         int4["compatibility"]["tflite-runtime 2.14"]), int4["compatibility"]
 
 
@@ -161,7 +166,7 @@ def test_default_model_android_answers_and_bundles(default_source, default_dist)
         assert (assets / name).is_file(), name
     assert not (assets / "baseline").exists()
     assert "runSignature" in (bundle / "src/main/java/ai/edgepack/EdgepackLlm.kt").read_text()
-    assert 'noCompress += listOf("tflite", "ort")' in (bundle / "README.md").read_text()
+    assert 'noCompress += listOf("tflite", "ort", "litertlm")' in (bundle / "README.md").read_text()
     assert (folder / "bundles" / "android.zip").is_file() and verify_bundle(bundle) == []
     (assets / "model_info.json").write_text("{}")
     verified = cli("bundle", "--verify", str(bundle))

@@ -19,7 +19,7 @@ __all__ = ["EXPORTERS", "Exporter", "register", "export_target"]
 
 # Importing a format module registers its exporter; a format listed in targets.py with no module here is
 # reported as "not available yet" by doctor and skipped by `export --target all`.
-for _module in ("gguf", "onnx_web", "onnx_mobile", "tflite", "coreml", "mlx", "executorch"):
+for _module in ("gguf", "onnx_web", "onnx_mobile", "tflite", "litertlm", "coreml", "mlx", "executorch"):
     __import__(f"edgepack.exporters.{_module}")
 
 

@@ -12,7 +12,9 @@ Signatures (int32 ids and positions; C = context_length, P = prefill length, L l
     prefill(tokens [1, P], position [1], length [1], k_0..k_{L-1}, v_0..v_{L-1} [1, kv heads, C, head dim])
         tokens padded after `length`; position = cache slot of tokens[0], so a long prompt is prefilled in chunks
     decode(tokens [1, 1], position [1], k_*, v_* as above)
-    both -> logits [1, vocab] (after the last real token), k_new / v_new [L, 1, kv heads, T, head dim]
+    decode_256, decode_512, decode_1024 (those below C): decode with the same inputs, attention over the first
+        S cache slots only; use the smallest S ≥ position (the runner and the Kotlin sample move up as a chat grows)
+    all -> logits [1, vocab] (after the last real token), k_new / v_new [L, 1, kv heads, T, head dim]
 
 The cache is read, never written, by the graph: attention runs over [cache ; this step's keys] and the step's
 keys and values come out as k_new / v_new, which the app (or edgepack's runner) writes into the cache inputs'
@@ -46,22 +48,27 @@ from edgepack.targets import TargetSpec
 
 FOLDER = "tflite"
 PREFILL_LENGTH = 128
+# decode_<S> reads only the first S cache slots: a chat's first hundreds of tokens do not pay for the whole context
+# (decode at 2048 slots read 94 MB of cache per token on the default model, more than its int8 weights)
+DECODE_WINDOWS = (256, 512, 1024)
 FILE_NAMES = {"fp32": "model_fp32.tflite", "int8": "model_int8.tflite", "int4": "model_int4.tflite"}
 
 
 class Signatures(nn.Module):
     """The reference decoder run the way the .tflite's signatures run it (see the module docstring)."""
 
-    def __init__(self, model, with_length: bool):
+    def __init__(self, model, with_length: bool, window: int | None = None):
         super().__init__()
         self.model = model
         self.with_length = with_length
+        self.window = window  # decode_<window>: attention reads only the cache's first `window` slots
         self.layers = model.cfg.num_layers
 
     def forward(self, tokens, position, **inputs):
         """tokens [1, T] int32, position [1] int32, (length [1] int32,) k_0…k_{L-1}, v_0…v_{L-1} (named inputs)."""
-        cache = ReadOnlyCache([inputs[f"k_{i}"] for i in range(self.layers)],
-                              [inputs[f"v_{i}"] for i in range(self.layers)], position, tokens.shape[1])
+        read = (lambda c: c) if self.window is None else (lambda c: c[:, :, :self.window])  # noqa: E731
+        cache = ReadOnlyCache([read(inputs[f"k_{i}"]) for i in range(self.layers)],
+                              [read(inputs[f"v_{i}"]) for i in range(self.layers)], position, tokens.shape[1])
         positions = position + torch.arange(tokens.shape[1], dtype=torch.int32)
         x = self.model.hidden(tokens, positions, cache)
         if self.with_length:  # the logits after the last real token only: lm_head on one row, not P
@@ -81,17 +88,30 @@ def sample_inputs(model, steps: int, with_length: bool) -> dict[str, torch.Tenso
     return values | {name: cache.clone() for name in input_names(cfg.num_layers, with_length)[len(values):]}
 
 
+def decode_windows(capacity: int) -> dict[str, int]:
+    """The short decode signatures of a context length: decode_256 … (each window below the capacity)."""
+    return {f"decode_{w}": w for w in DECODE_WINDOWS if w < capacity}
+
+
 def convert(model, path: Path, prefill_length: int) -> Path:
-    """litert-torch: both signatures into one fp32 .tflite at path."""
+    """litert-torch: prefill, decode and the short decode_<window> signatures into one fp32 .tflite at path."""
+    signatures = [("prefill", Signatures(model, True).eval(), sample_inputs(model, prefill_length, True)),
+                  ("decode", Signatures(model, False).eval(), sample_inputs(model, 1, False))]
+    signatures += [(name, Signatures(model, False, window).eval(), sample_inputs(model, 1, False))
+                   for name, window in decode_windows(model.cfg.context_length).items()]
+    return convert_signatures(signatures, path)
+
+
+def convert_signatures(signatures, path: Path) -> Path:
+    """litert-torch: [(name, module, named sample inputs)] into one fp32 .tflite at path, weights shared."""
     with quiet_stderr():  # it imports torchao and jax, which log at import
         import litert_torch
 
     logging.getLogger("absl").setLevel(logging.ERROR)
     litert_torch.config.show_progress = False  # edgepack prints its own progress line per variant
     converter = litert_torch
-    for name, steps, with_length in (("prefill", prefill_length, True), ("decode", 1, False)):
-        module = Signatures(model, with_length).eval()
-        converter = converter.signature(name, module, sample_kwargs=sample_inputs(model, steps, with_length))
+    for name, module, sample in signatures:
+        converter = converter.signature(name, module, sample_kwargs=sample)
     with torch.inference_mode(), quiet_stderr():  # the MLIR converter logs every pass to fd 2
         edge = converter.convert()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +173,7 @@ def quantize(src: Path, quant_recipe, dest: Path) -> Path:
 @register
 class TfliteExporter(Exporter):
     format = "tflite"
-    version = "1"
+    version = "2"  # 2: decode_<S> signatures
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -174,17 +194,21 @@ class TfliteExporter(Exporter):
             from edgepack.model.weights import load_decoder
 
             self._model = load_decoder(source.path, target.context_length)
-            self._work = Path(tempfile.mkdtemp(prefix="edgepack-tflite-"))
+            self._work = Path(tempfile.mkdtemp(prefix=f"edgepack-{self.format}-"))
         path = self._work / ("offsets.tflite" if offsets else "fp32.tflite")
         if not path.exists():
-            convert(with_offset_linears(self._model) if offsets else self._model, path, PREFILL_LENGTH)
+            self._convert(with_offset_linears(self._model) if offsets else self._model, path)
         return path
+
+    def _convert(self, model, path: Path) -> Path:
+        return convert(model, path, PREFILL_LENGTH)
 
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
         if variant not in FILE_NAMES:
             raise EdgepackError(f"tflite: unknown variant '{variant}'; valid: {', '.join(FILE_NAMES)}")
         fp32 = self._converted(source, target, offsets=False)
-        write_json(out / MODEL_INFO, tflite_info(self._model.cfg, PREFILL_LENGTH, eos_ids(source.path), FILE_NAMES))
+        write_json(out / MODEL_INFO, tflite_info(self._model.cfg, PREFILL_LENGTH, eos_ids(source.path), FILE_NAMES,
+                                                 decode_windows(target.context_length)))
         path = out / FOLDER / FILE_NAMES[variant]
         path.parent.mkdir(parents=True, exist_ok=True)
         if variant == "fp32":

@@ -2,6 +2,7 @@
 
     bundles/android/src/main/assets/…            the .tflite (+ .ort), tokenizer, configs, model_info.json
     bundles/android/src/main/java/ai/edgepack/EdgepackLlm.kt    LiteRT Interpreter: prefill + greedy decode
+    bundles/android/…/litertlm/                  the .litertlm bundles (when exported), for LiteRT-LM's Kotlin API
     bundles/ios/Resources/…                      the .mlpackage(s), tokenizer, configs, model_info.json
     bundles/ios/Sources/EdgepackLlm.swift        Core ML: state, prefill + greedy decode
     bundles/<platform>/…/executorch/             the .pte files, tokenizer.json, model_info.json (when exported):
@@ -39,7 +40,7 @@ Unzip into your app module (`app/`): the model and its files land in `src/main/a
 Model files must stay uncompressed in the APK so they can be memory-mapped. In `app/build.gradle.kts`:
 
     android {{
-        androidResources {{ noCompress += listOf("tflite", "ort") }}
+        androidResources {{ noCompress += listOf("tflite", "ort", "litertlm") }}
     }}
     dependencies {{
         implementation("com.google.ai.edge.litert:litert:1.4.0")           // .tflite
@@ -49,6 +50,20 @@ Model files must stay uncompressed in the APK so they can be memory-mapped. In `
 `model_info.json` names the signatures (prefill, decode), their inputs and outputs, the cache shape, the
 prefill length and the end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lists the
 sha256 of every file (`edgepack bundle --verify DIR` re-checks them).
+
+LiteRT-LM (Google's LLM engine on Android) instead of the raw Interpreter: `litertlm/<model>-int8.litertlm` (or
+`-int4`) holds the model, the tokenizer, the chat template and the stop tokens. Add
+`implementation("com.google.ai.edge.litertlm:litertlm-android:latest.release")` (edgepack proves the files with
+LiteRT-LM 0.18.1's engine; pin the release you test), copy the file from the assets to `filesDir` once (the engine takes a
+path), then:
+
+    val engine = Engine(EngineConfig(modelPath = file.absolutePath, backend = Backend.CPU))
+    engine.initialize()  // seconds: off the main thread
+    engine.createConversation().use {{ conversation ->
+        conversation.sendMessageAsync("What is the capital of France?").collect {{ print(it) }}
+    }}
+
+`litertlm/model_info.json` describes the signatures inside (prefill_128 and decode over kv_cache_* tensors).
 
 ExecuTorch instead of LiteRT: `executorch/model_8da4w.pte` (or `model_fp32.pte`) with `executorch/tokenizer.json`
 runs in ExecuTorch's own LLM runner, `org.pytorch.executorch.extension.llm.LlmModule` from

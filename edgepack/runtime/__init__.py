@@ -7,7 +7,7 @@ from edgepack.errors import EdgepackError
 from edgepack.runtime.base import RUNNERS, Runner, register
 
 # Importing a runner module registers it for its format.
-for _module in ("reference", "llamacpp", "ort", "litert", "coreml", "mlx", "executorch"):
+for _module in ("reference", "llamacpp", "ort", "litert", "litertlm", "coreml", "mlx", "executorch"):
     __import__(f"edgepack.runtime.{_module}")
 
 __all__ = ["RUNNERS", "Runner", "register", "open_runner"]

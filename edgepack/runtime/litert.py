@@ -1,13 +1,15 @@
 """android runner, LiteRT part: ai-edge-litert's Interpreter (XNNPACK, threads = cores) on the .tflite's signatures.
 
 The graph reads the KV cache and returns only this step's keys and values (see model_info.json, written by the
-exporter); the runner writes them straight into the cache inputs' own tensor buffers of both signatures, so a
+exporter); the runner writes them straight into the cache inputs' own tensor buffers of every signature, so a
 decode step copies one token's keys, not the cache. A prompt longer than the prefill length is prefilled in
-chunks.
+chunks. Decode runs the shortest decode_<S> signature whose S slots hold the chat so far (S = 256, 512, 1024),
+then `decode` (the whole context).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -75,14 +77,28 @@ class LiteRTRunner(Runner):
         self.info = read_model_info(artifact.dir, "android")
         self.interpreter = open_interpreter(artifact.files[0])
         signatures = self.interpreter.get_signature_list()
-        if set(signatures) != {"prefill", "decode"}:
-            raise EdgepackError(f"{artifact.files[0]}: signatures {sorted(signatures)}, expected prefill and decode; "
-                                "re-export it")
+        windows = self.info.get("decode_windows", {})
+        if set(signatures) != {"prefill", "decode", *windows}:
+            raise EdgepackError(f"{artifact.files[0]}: signatures {sorted(signatures)}, expected prefill, decode "
+                                f"{' '.join(windows)} (model_info.json); re-export it")
         layers = self.info["num_layers"]
         self.prefill_sig = _Signature(self.interpreter, "prefill", layers)
-        self.decode_sig = _Signature(self.interpreter, "decode", layers)
+        # (slots read, signature), smallest first: decode_<S> reads S slots, decode all of them
+        self.decode_sigs = sorted([(w, _Signature(self.interpreter, name, layers)) for name, w in windows.items()],
+                                  key=lambda pair: pair[0])
+        self.decode_sigs.append((self.info["context_length"], _Signature(self.interpreter, "decode", layers)))
         self.capacity = self.info["context_length"]
         self.reset()
+
+    @contextlib.contextmanager
+    def whole_cache(self):
+        """Decode through `decode` only (every slot read), as before the short signatures: bench's comparison."""
+        short = self.decode_sigs
+        self.decode_sigs = short[-1:]
+        try:
+            yield
+        finally:
+            self.decode_sigs = short
 
     def compatibility(self) -> dict[str, str]:
         return {LEGACY_RUNTIME: legacy_runtime_verdict(self.artifact.files[0])}
@@ -93,7 +109,7 @@ class LiteRTRunner(Runner):
     def _store(self, out: dict[str, np.ndarray], count: int) -> None:
         """Write this step's keys and values into both signatures' cache buffers at slots length..length+count."""
         span = slice(self.length, self.length + count)
-        for sig in (self.prefill_sig, self.decode_sig):
+        for sig in (self.prefill_sig, *(sig for _, sig in self.decode_sigs)):
             for i in range(len(sig.k)):
                 sig.k[i][:, :, span] = out["k_new"][i][:, :, :count]
                 sig.v[i][:, :, span] = out["v_new"][i][:, :, :count]
@@ -121,7 +137,8 @@ class LiteRTRunner(Runner):
 
     def decode(self, token: int) -> np.ndarray:
         self._check_room(1)
-        out = self.decode_sig(tokens=np.array([[token]], np.int32), position=np.array([self.length], np.int32))
+        sig = next(sig for slots, sig in self.decode_sigs if self.length <= slots)  # the shortest that holds the chat
+        out = sig(tokens=np.array([[token]], np.int32), position=np.array([self.length], np.int32))
         self._store(out, 1)
         return out["logits"][0]
 

@@ -21,6 +21,7 @@ CHECKS = {
     "min_top1": ("top1", ">="),
     "min_greedy": ("greedy", ">="),
     "max_ppl_ratio": ("ppl_ratio", "<="),
+    "min_engine_greedy": ("engine_greedy", ">="),  # a runner that also drives an app's engine (LiteRT-LM)
 }
 
 
@@ -61,6 +62,47 @@ def trace_reference(runner: Runner, max_new_tokens: int = MAX_NEW_TOKENS) -> Ref
     passage = runner.encode(prompts["passage"], chat=False)
     passage_logits = teacher_forced(runner, passage[:1], passage[1:])
     return ReferenceTrace(ids, answers, logits, passage, passage_logits)
+
+
+def reference_trace(source, max_new_tokens: int = MAX_NEW_TOKENS) -> ReferenceTrace:
+    """trace_reference of a source, kept on disk under the cache (traces/): the same source, prompts, reference code
+    and libraries give the same trace, and every validate needs it (the default model's takes ~45 s to compute).
+    A file that cannot be read is computed again; a new one is written atomically."""
+    import hashlib
+    import os
+    from importlib import metadata
+    from pathlib import Path
+
+    from edgepack import __version__
+    from edgepack.runtime.reference import source_artifact
+    from edgepack.source import cache_root
+
+    code = Path(__file__).resolve().parents[1]
+    key = hashlib.sha256()
+    for part in (source.sha256, json.dumps(prompt_set(), sort_keys=True), str(max_new_tokens), __version__,
+                 *(metadata.version(p) for p in ("torch", "transformers", "tokenizers"))):
+        key.update(part.encode() + b"\0")
+    for file in sorted([*code.joinpath("model").glob("*.py"), code / "runtime" / "reference.py", Path(__file__)]):
+        key.update(file.read_bytes())
+    path = cache_root() / "traces" / f"{source.slug}-{key.hexdigest()[:20]}.npz"
+    try:
+        with np.load(path) as data:
+            n = int(data["count"])
+            return ReferenceTrace([data[f"prompt_{i}"].tolist() for i in range(n)],
+                                  [data[f"answer_{i}"].tolist() for i in range(n)],
+                                  [data[f"logits_{i}"] for i in range(n)], data["passage"].tolist(),
+                                  data["passage_logits"])
+    except (OSError, KeyError, ValueError):
+        pass
+    ref = trace_reference(open_runner(source_artifact(source)), max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"count": np.array(len(ref.prompts)), "passage": np.array(ref.passage), "passage_logits": ref.passage_logits}
+    for i, (prompt, answer, logits) in enumerate(zip(ref.prompts, ref.answers, ref.logits, strict=True)):
+        arrays |= {f"prompt_{i}": np.array(prompt), f"answer_{i}": np.array(answer, dtype=np.int64), f"logits_{i}": logits}
+    partial = path.with_name(f".{path.name}.{os.getpid()}.npz")
+    np.savez(partial, **arrays)
+    partial.replace(path)
+    return ref
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -121,6 +163,8 @@ def validate_artifact(artifact: Artifact, thresholds: dict[str, float], ref: Ref
     """Load an artifact's runner, measure it against the reference, and check it: used by the CLI and pytest."""
     runner = open_runner(artifact)
     metrics = measure(runner, ref)
+    if hasattr(runner, "engine_metrics"):  # the same file in the engine an app runs it with, compared greedily
+        metrics |= runner.engine_metrics(ref.prompts)
     result = {"key": artifact.key, "metrics": metrics, "checks": check(metrics, thresholds)}
     if compatibility := runner.compatibility():  # e.g. whether an older runtime can load the artifact
         result["compatibility"] = compatibility

@@ -43,13 +43,11 @@ class _Session:
         return source
 
     def result(self, artifact: Artifact, thresholds: dict) -> dict:
-        from edgepack.runtime import open_runner
-        from edgepack.runtime.parity import trace_reference, validate_artifact
-        from edgepack.runtime.reference import source_artifact
+        from edgepack.runtime.parity import reference_trace, validate_artifact
 
         if artifact.key not in self._results:
             if self._ref is None:
-                self._ref = trace_reference(open_runner(source_artifact(self.source_for(artifact))))
+                self._ref = reference_trace(self.source_for(artifact))
             self._results[artifact.key] = validate_artifact(artifact, thresholds, self._ref)
         return self._results[artifact.key]
 

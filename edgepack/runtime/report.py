@@ -136,7 +136,22 @@ def render_markdown(report: dict) -> str:
         lines += ["", _export_note(report)]
     if _browser_note(report):
         lines += ["", "## In the browser (headless Chromium, edgepack bench --browser)", "", _browser_note(report)]
+    if _engine_note(report):
+        lines += ["", "## In the app's engine", "", _engine_note(report)]
     return "\n".join(lines) + "\n"
+
+
+def _engine_note(report: dict) -> str:
+    """Artifacts an app runs through an engine of its own (LiteRT-LM): the engine's timing beside the runner's."""
+    notes = []
+    for row in report["rows"].values():
+        bench = row.get("bench", {})
+        if "engine" in bench:
+            e = bench["engine"]
+            notes.append(f"{row['target']} {row['variant']} in {e['name']}: TTFT {e['ttft_s']:.3f} s, "
+                         f"{e['decode_tok_s']:.1f} tok/s over {e['decode_tokens']} tokens (edgepack's Interpreter "
+                         f"loop on the same .tflite: TTFT {bench['ttft_s']:.3f} s, {bench['decode_tok_s']:.1f} tok/s).")
+    return " ".join(notes)
 
 
 def _browser_note(report: dict) -> str:
@@ -204,6 +219,8 @@ def render_html(report: dict) -> str:
     tables += f"<p>{html.escape(_export_note(report))}</p>"
     if _browser_note(report):
         tables += f"<h2>In the browser</h2><p>{html.escape(_browser_note(report))}</p>"
+    if _engine_note(report):
+        tables += f"<h2>In the app's engine</h2><p>{html.escape(_engine_note(report))}</p>"
     figures = "".join(f"<figure>{svg}</figure>" for svg in _plots(report))
     title = html.escape(f"edgepack report: {report.get('model', '?')}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"

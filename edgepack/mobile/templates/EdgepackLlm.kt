@@ -24,6 +24,10 @@ class EdgepackLlm(context: Context, modelFile: String = "tflite/model_int4.tflit
     private val prefillLength = info.getInt("prefill_length")
     private val vocab = info.getInt("vocab_size")
     private val eos = info.getJSONArray("eos_token_ids").let { a -> (0 until a.length()).map { a.getInt(it) }.toSet() }
+    // decode_<S> reads only the cache's first S slots: (S, name), smallest first; "decode" reads all of them
+    private val decodeWindows = info.optJSONObject("decode_windows")?.let { w ->
+        w.keys().asSequence().map { w.getInt(it) to it }.sortedBy { it.first }.toList()
+    } ?: emptyList()
 
     private val interpreter = Interpreter(
         context.assets.openFd(modelFile).use { fd ->
@@ -79,7 +83,8 @@ class EdgepackLlm(context: Context, modelFile: String = "tflite/model_int4.tflit
             val next = logits.indices.maxByOrNull { logits[it] }!!
             out.add(next)
             if (next in eos) return out
-            logits = run("decode", intArrayOf(next), 1, 1)
+            val signature = decodeWindows.firstOrNull { length <= it.first }?.second ?: "decode"  // grows with the chat
+            logits = run(signature, intArrayOf(next), 1, 1)
         }
         return out
     }
