@@ -181,8 +181,8 @@ class TfliteExporter(Exporter):
 
     @classmethod
     def notes(cls) -> str:
-        return (f"litert-torch, prefill ({PREFILL_LENGTH} tokens, chunked) + decode signatures; int8 / int4 by "
-                "ai-edge-quantizer (int4 asymmetric blocks of 32 through OffsetLinear)")
+        return (f"litert-torch, prefill ({PREFILL_LENGTH} tokens, chunked) + decode signatures (and the short-cache "
+                "decode_256/512/1024); int8 / int4 by ai-edge-quantizer (int4 asymmetric blocks of 32 through OffsetLinear)")
 
     def __init__(self):
         self._model = None

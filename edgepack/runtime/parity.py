@@ -65,8 +65,8 @@ def trace_reference(runner: Runner, max_new_tokens: int = MAX_NEW_TOKENS) -> Ref
 
 
 def reference_trace(source, max_new_tokens: int = MAX_NEW_TOKENS) -> ReferenceTrace:
-    """trace_reference of a source, kept on disk under the cache (traces/): the same source, prompts, reference code
-    and libraries give the same trace, and every validate needs it (the default model's takes ~45 s to compute).
+    """trace_reference of a source, kept on disk under the cache (traces/): the same source (weights, config,
+    tokenizer), prompts, reference code and libraries give the same trace, and every validate needs it (the default model's takes ~45 s to compute).
     A file that cannot be read is computed again; a new one is written atomically."""
     import hashlib
     import os
@@ -84,6 +84,10 @@ def reference_trace(source, max_new_tokens: int = MAX_NEW_TOKENS) -> ReferenceTr
         key.update(part.encode() + b"\0")
     for file in sorted([*code.joinpath("model").glob("*.py"), code / "runtime" / "reference.py", Path(__file__)]):
         key.update(file.read_bytes())
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):  # source.sha256 covers the weights only
+        file = Path(source.path) / name
+        key.update(file.read_bytes() if file.is_file() else b"-")
     path = cache_root() / "traces" / f"{source.slug}-{key.hexdigest()[:20]}.npz"
     try:
         with np.load(path) as data:
