@@ -1,11 +1,12 @@
 # The two commands of the README: `make demo` (install, export every target, validate, report, serve) and
-# `make test` (install, plus what only tests need, then the test suite). Both are idempotent.
+# `make test` (install, plus what only tests need, then the test suite without the tests marked slow: CI's budget).
+# `make test-all` runs every test. Both are idempotent.
 VENV    := .venv
 BIN     := $(VENV)/bin
 PYTHON  ?= python3
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 WEB     := edgepack/web
-.PHONY: demo test install install-test tools wheel clean
+.PHONY: demo test test-all install install-test tools wheel clean
 
 demo: install
 	$(BIN)/edgepack export --target all
@@ -15,6 +16,9 @@ demo: install
 	$(BIN)/edgepack serve
 
 test: install-test
+	$(BIN)/pytest -m "not slow"
+
+test-all: install-test
 	$(BIN)/pytest
 
 install: $(STAMP) tools $(WEB)/node_modules/.package-lock.json

@@ -138,6 +138,7 @@ def test_an_unsupported_architecture_is_one_error_line(tiny_models, tmp_path):
 
 
 # --- the default model -----------------------------------------------------------------------------------------------
+@pytest.mark.slow  # two default-model conversions and the MIL interpreter's validate, ~5 min: `make test-all`
 def test_default_model_ios_exports_validates_and_bundles(default_source, tmp_path):
     from edgepack.mobile import verify_bundle
 

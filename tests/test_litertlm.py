@@ -86,7 +86,7 @@ def test_a_truncated_bundle_is_one_error_line(tiny_models, tmp_path):
 
 
 # --- the default model (default_dist: its android target with litertlm-int8, exported once in conftest.py) --------
-def test_default_model_in_litert_lm_answers_paris_and_bundles(default_source, default_dist):
+def test_default_model_in_litert_lm_answers_paris(default_source, default_dist):
     from litert_lm import Backend, Engine, SamplerConfig
 
     validated = cli("validate", "--target", "android", "--variant", "litertlm-int8", "--json", out=default_dist)
@@ -98,9 +98,4 @@ def test_default_model_in_litert_lm_answers_paris_and_bundles(default_source, de
     conversation = engine.create_conversation(sampler_config=SamplerConfig(top_k=1, temperature=0.0),
                                               max_output_tokens=32)
     answer = str(conversation.send_message(FRANCE).contents)  # the bundle's own chat template and stop tokens
-    assert "Paris" in answer, answer
-    built = cli("bundle", "--platform", "android", out=default_dist)
-    assert built.returncode == 0, built.stderr
-    packed = default_dist / default_source.slug / "bundles" / "android"
-    assert (packed / "src/main/assets/litertlm" / bundle.name).is_file()
-    assert "litertlm-android" in (packed / "README.md").read_text()
+    assert "Paris" in answer, answer  # the android bundle's litertlm/ files: tests/test_tflite.py's bundle test

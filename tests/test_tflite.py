@@ -162,11 +162,13 @@ def test_default_model_android_answers_and_bundles(default_source, default_dist)
     bundle = folder / "bundles" / "android"
     assets = bundle / "src" / "main" / "assets"
     for name in ("tflite/model_int4.tflite", "tflite/model_int8.tflite", "ort/model_q4.ort", "model_info.json",
-                 "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+                 "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                 f"litertlm/{default_source.slug}-int8.litertlm", "litertlm/model_info.json"):
         assert (assets / name).is_file(), name
     assert not (assets / "baseline").exists()
     assert "runSignature" in (bundle / "src/main/java/ai/edgepack/EdgepackLlm.kt").read_text()
-    assert 'noCompress += listOf("tflite", "ort", "litertlm")' in (bundle / "README.md").read_text()
+    readme = (bundle / "README.md").read_text()
+    assert 'noCompress += listOf("tflite", "ort", "litertlm")' in readme and "litertlm-android" in readme
     assert (folder / "bundles" / "android.zip").is_file() and verify_bundle(bundle) == []
     (assets / "model_info.json").write_text("{}")
     verified = cli("bundle", "--verify", str(bundle))
