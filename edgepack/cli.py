@@ -1,4 +1,5 @@
-"""edgepack's command line: export | validate | bench | run | report | serve | bundle | doctor | fleet | tools | targets."""
+"""edgepack's command line: export | validate | bench | run | report | serve | bundle | doctor | fleet | bench-export |
+tools | targets."""
 
 from __future__ import annotations
 
@@ -361,6 +362,19 @@ def cmd_fleet(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench_export(args) -> int:
+    from edgepack.scale import bench_export, fit, write_rows
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = bench_export(args.shape, args.target, args.work, log=_console().print)
+    path = args.work / "bench-export.json"
+    write_rows(rows, path)
+    for target, (a, b) in fit(rows).items():
+        _console().print(f"{target:>8}: peak ≈ {a:.2f} GB + {b:.2f} GB × billions of parameters")
+    print(path)
+    return 0 if all(r["code"] == 0 for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepack", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -424,6 +438,18 @@ def build_parser() -> argparse.ArgumentParser:
                 out=False)
     p.add_argument("--build", action="store_true", help="build every missing one now")
     p.add_argument("--json", action="store_true", help="print JSON")
+    from edgepack.scale import SHAPES  # a table, no heavy imports
+
+    p = command("bench-export", cmd_bench_export, "export seconds and peak RSS (process tree) per target for "
+                "random-weight models with published configs, built here (no download)", model=False, targets=False,
+                out=False)
+    p.add_argument("--shape", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES), metavar="S",
+                   help=f"model shapes ({', '.join(SHAPES)}); default qwen2.5-0.5b")
+    p.add_argument("--target", nargs="+", default=["cpu", "web", "android", "ios", "mac"], metavar="T",
+                   choices=["cpu", "web", "android", "ios", "mac"],
+                   help="targets (default: all)")
+    p.add_argument("--work", type=Path, default=Path("bench-export"), metavar="DIR",
+                   help="models, logs and bench-export.json go here (default: bench-export)")
     p = command("targets", cmd_targets, "show the targets matrix, or write the default one to edit", model=False,
                 out=False)
     p.add_argument("--write", type=Path, metavar="FILE", help="write the default targets.toml to FILE")

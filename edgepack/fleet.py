@@ -27,12 +27,15 @@ from pathlib import Path
 
 from edgepack.errors import EdgepackError
 
-# Peak export RSS per target ≈ a + b × parameters (GB, GB per billion), measured with /usr/bin/time on this
-# 2-core machine: the default model (135M) and a random model with Qwen2.5-0.5B's config (494M). cpu: 1.0 GB at
-# 135M, 1.96 GB at 494M; web 12.1, android 14.4, ios 12.1 GB at 494M. Validate and bench stay below export.
+# Peak export RSS per target ≈ a + b × parameters (GB, GB per billion), measured on this 2-core machine: the
+# default model (135M) and a random model with Qwen2.5-0.5B's config (494M). cpu: 1.0 GB at 135M, 1.96 GB at 494M;
+# android 14.4, ios 12.1 GB at 494M. web streams its weights (`edgepack bench-export`, process-tree RSS): 3.47 GB
+# at 494M (3.60 in another run), 7.13 GB at Llama-3.2-1B's 1.24B, fit 1.03 + 4.93 × B; a is rounded up to 2.0 so
+# the cap tests/test_scale.py holds the export to (4.5 GB at 494M) keeps a 25 % margin over the measured peaks.
+# Validate and bench stay below export.
 # mac: mlx-lm's converter reads the safetensors lazily; its peak was 0.49 GB at 135M (fp32 file) and 1.08 GB at 494M
 # (Qwen2.5-0.5B's config, bf16 file, fp16 variant; q8 0.90, q4 0.78).
-PEAK_GB = {"cpu": (0.9, 2.2), "web": (1.5, 21.5), "android": (1.5, 26.2), "ios": (1.5, 21.5), "mac": (0.5, 2.2)}
+PEAK_GB = {"cpu": (0.9, 2.2), "web": (2.0, 5.0), "android": (1.5, 26.2), "ios": (1.5, 21.5), "mac": (0.5, 2.2)}
 RESOURCE = "edgepack"  # one unit per node; a bench task takes all of it, so it runs alone there
 EXPORT_SHARE = 0.001
 _FLEET_KEYS = {"targets", "targets_file", "model"}

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlencode
 
+import numpy as np
 import pytest
 
 from edgepack.artifacts import Artifact, artifacts_in
@@ -98,6 +99,58 @@ def test_a_graph_past_protobufs_limit_keeps_its_weights_beside_it(tiny_models, t
     assert artifacts["fp32"].files[0].stat().st_size < 100_000
     ref = trace_reference(open_runner(source_artifact(resolve(str(tiny_models["llama"])))), max_new_tokens=8)
     assert measure(open_runner(artifacts["fp32"]), ref)["max_abs_logit"] <= 1e-4
+
+
+def _whole_model_quantizers(proto, variant: str):
+    """What the web exporter wrote before it streamed: onnxruntime's MatMulNBitsQuantizer over the whole
+    in-memory graph (HQQ 4-bit on the layers then RTN 8-bit on the head, zero points split; or RTN 8-bit)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+
+    from edgepack.exporters.onnx_web import LM_HEAD, split_float_zero_points
+
+    def run(proto, config, **kwargs):
+        quantizer = MatMulNBitsQuantizer(proto, block_size=32, algo_config=config, **kwargs)
+        quantizer.process()
+        return quantizer.model.model
+
+    def rtn(bits, symmetric):
+        return DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=symmetric, accuracy_level=4,
+                                            op_types_to_quantize=("MatMul",), bits=bits)
+
+    if variant == "q8":
+        return run(proto, rtn(8, False), is_symmetric=False, accuracy_level=4)
+    proto = run(proto, HQQWeightOnlyQuantConfig(block_size=32, bits=4, op_types_to_quantize=("MatMul",)),
+                is_symmetric=False, nodes_to_exclude=[LM_HEAD])
+    proto = run(proto, rtn(8, True), is_symmetric=True, accuracy_level=4, nodes_to_include=[LM_HEAD])
+    split_float_zero_points(proto, np.float32)
+    return proto
+
+
+@pytest.mark.parametrize("kind", FAMILY_KINDS)
+def test_streamed_quantization_writes_what_the_whole_model_quantizer_writes(tiny_models, tmp_path, kind, monkeypatch):
+    """The exporter quantizes one weight at a time (bounded memory), the head in slices of rows; the file must hold
+    the same nodes and the same initializer bytes as onnxruntime's quantizer run over the whole graph."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgepack.exporters import onnx_web
+    from edgepack.exporters.onnx_graph import build_decoder_graph
+    from edgepack.model.weights import load_decoder
+
+    model = load_decoder(tiny_models[kind], 256, dtype=None)
+    monkeypatch.setattr(onnx_web.LinearQuantizer, "SLICE", model.cfg.hidden_size * 37)  # several uneven slices
+    for variant in ("q4", "q8"):
+        (path, *_) = onnx_web.write_variant(model, variant, tmp_path)
+        streamed = onnx.load(str(path))
+        whole = _whole_model_quantizers(build_decoder_graph(load_decoder(tiny_models[kind], 256), untie_lm_head=True,
+                                                            embed_fp16=True), variant)
+        assert sorted(n.SerializeToString() for n in streamed.graph.node) == \
+            sorted(n.SerializeToString() for n in whole.graph.node), variant
+        mine = {t.name: numpy_helper.to_array(t) for t in streamed.graph.initializer}
+        theirs = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+        assert mine.keys() == theirs.keys(), variant
+        assert all(np.array_equal(mine[k], theirs[k]) for k in mine), variant
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble"])

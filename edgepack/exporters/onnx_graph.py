@@ -25,6 +25,8 @@ positions are position_ids (GroupQueryAttention's own input); the cache's dtype 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import torch
@@ -37,18 +39,71 @@ OPSET = 21
 MS = "com.microsoft"
 
 
-class _Graph:
-    """Collects nodes and initializers with unique names."""
+class ExternalData:
+    """Initializers written to one external data file while the graph is built, so the graph in memory holds
+    only their names and offsets: export memory then grows with the largest tensor, not with the model.
 
-    def __init__(self, float_type: np.dtype):
+    Written by hand because onnx's own writer (onnx.save with save_as_external_data) needs the whole model in
+    memory first. The file follows onnx's external data convention (location / offset / length entries, as
+    onnx.external_data_helper writes them); tensors
+    under 1 KiB stay inline, as onnx.save's size_threshold does, and tensors of 1 MiB or more start on 64 KiB
+    boundaries so runtimes can map them."""
+
+    INLINE = 1024
+    ALIGN, ALIGN_FROM = 65536, 1 << 20
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "wb")
+        self.size = 0
+
+    def put(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """Write the tensor's data; returns what the graph keeps: a new, data-less TensorProto pointing into the
+        file. (Clearing raw_data in place would free nothing: protobuf's upb backend keeps a message's bytes in its
+        arena until the whole message is gone.)"""
+        data = tensor.raw_data
+        if len(data) < self.INLINE:
+            return tensor
+        if len(data) >= self.ALIGN_FROM and self.size % self.ALIGN:
+            pad = self.ALIGN - self.size % self.ALIGN
+            self.file.write(b"\0" * pad)
+            self.size += pad
+        self.file.write(data)
+        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        for key, value in (("location", self.path.name), ("offset", self.size), ("length", len(data))):
+            entry = stub.external_data.add()
+            entry.key, entry.value = key, str(value)
+        stub.data_location = TensorProto.EXTERNAL
+        self.size += len(data)
+        return stub
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _Graph:
+    """Collects nodes and initializers with unique names. With a store, each initializer goes to disk as it is
+    made; with a linear hook, each MatMul weight is handed to it (a quantizer) instead of stored as it is."""
+
+    def __init__(self, float_type: np.dtype, store: ExternalData | None = None, linear_hook=None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.float = np.dtype(float_type)
         self.elem = helper.np_dtype_to_tensor_dtype(self.float)
+        self.store, self.linear_hook = store, linear_hook
+        self._names: set[str] = set()
+        self._outputs: set[str] = set()
+
+    def add(self, tensor: onnx.TensorProto) -> None:
+        if tensor.name in self._names:  # shared by several hooked linears (their input's block sums)
+            return
+        self._names.add(tensor.name)
+        self.inits.append(tensor if self.store is None else self.store.put(tensor))
 
     def weight(self, name: str, array: np.ndarray, keep_dtype: bool = False) -> str:
-        array = np.ascontiguousarray(array if keep_dtype else array.astype(self.float))
-        self.inits.append(numpy_helper.from_array(array, name))
+        array = np.ascontiguousarray(array, dtype=None if keep_dtype else self.float)
+        self.add(numpy_helper.from_array(array, name))
         return name
 
     def node(self, op: str, inputs: list[str], outputs: list[str] | int = 1, name: str = "", domain: str = "",
@@ -57,7 +112,24 @@ class _Graph:
         if isinstance(outputs, int):
             outputs = [f"{name}/out{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, outputs, name=name, domain=domain, **attrs))
+        self._outputs.update(outputs)
         return outputs
+
+    def matmul(self, x: str, weight: torch.Tensor, name: str) -> str:
+        """x @ weightᵀ (weight [N, K] as torch stores a linear layer) as the node '{name}/MatMul' over the
+        initializer '{name}.weight' ([K, N]), or whatever the linear hook makes of it (same output name)."""
+        if self.linear_hook is None:
+            (out,) = self.node("MatMul", [x, self.weight(name + ".weight", _np(weight).T)], name=name + "/MatMul")
+            return out
+        out = f"{name}/MatMul/out0"
+        nodes, tensors = self.linear_hook(x, weight, name + "/MatMul", name + ".weight", out, self.float)
+        for tensor in tensors:
+            self.add(tensor)
+        for node in nodes:
+            if not set(node.output) <= self._outputs:  # a node another linear already added (shared block sums)
+                self.nodes.append(node)
+                self._outputs.update(node.output)
+        return out
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -72,17 +144,20 @@ def rotary_caches(model: Decoder, positions: int, local: bool = False) -> tuple[
 
 
 def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bool = False,
-                        embed_fp16: bool = False) -> onnx.ModelProto:
+                        embed_fp16: bool = False, store: ExternalData | None = None,
+                        linear_hook=None) -> onnx.ModelProto:
     """The fused decoder graph for a loaded reference decoder. untie_lm_head stores lm_head as its own
     [hidden, vocab] weight (what a weight quantizer needs); otherwise a tied head reads the embedding transposed.
     embed_fp16 stores the embedding table in fp16 and casts the gathered rows (half the bytes; a token reads
-    one row, so speed does not change)."""
+    one row, so speed does not change). store: write initializers to an external data file as they are made.
+    linear_hook(x, weight [N, K] (torch), node name, weight name, output name, float type) -> (nodes, initializers):
+    what each linear layer becomes (a weight quantizer, applied one weight at a time)."""
     cfg = model.cfg
     if cfg.rotary_dim % 16:
         raise EdgepackError(f"onnx: a rotary width of {cfg.rotary_dim} (partial_rotary_factor × head_dim) is not one "
                             "onnxruntime's GroupQueryAttention computes (it needs a multiple of 16); export another "
                             "target for this model")
-    g = _Graph(float_type)
+    g = _Graph(float_type, store, linear_hook)
     kvh, heads, dim = cfg.num_kv_heads, cfg.num_heads, cfg.head_dim
     past_dims = ["batch_size", kvh, "past_sequence_length", dim]
     present_dims = ["batch_size", kvh, "total_sequence_length", dim]
@@ -143,7 +218,7 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
         return out
 
     def linear(h, weight, name, bias=None):
-        (out,) = g.node("MatMul", [h, g.weight(name + ".weight", _np(weight).T)], name=name + "/MatMul")
+        out = g.matmul(h, weight, name)
         if bias is not None:
             (out,) = g.node("Add", [out, g.weight(name + ".bias", _np(bias))], name=name + "/Add")
         return out

@@ -11,8 +11,10 @@
     web/baseline/onnx/model_q4*.onnx   plain round-to-nearest q4, which validate measures beside ours
 
 The graph comes from onnx_graph.py (fused GroupQueryAttention + SkipSimplifiedLayerNormalization); all
-quantization is onnxruntime's own. A graph over protobuf's 2 GB limit is saved with its weights in
-model*.onnx_data beside it, which transformers.js loads with use_external_data_format.
+quantization is onnxruntime's own. Memory is bounded by the largest tensor, not the model: the source stays in its
+own dtype (bf16: 2 bytes a parameter), and each weight is converted, quantized by onnxruntime's node quantizer and
+written to disk before the next is touched (write_graph, LinearQuantizer). A graph over protobuf's 2 GB limit keeps
+its weights in model*.onnx_data beside it, which transformers.js loads with use_external_data_format.
 """
 
 from __future__ import annotations
@@ -39,51 +41,155 @@ BLOCK = 32
 LM_HEAD = "lm_head/MatMul"  # the node name onnx_graph gives an untied head
 
 
-def save_model(proto, path: Path) -> list[Path]:
-    """Save a graph; weights go to an external data file beside it when the graph would pass protobuf's limit."""
+def write_graph(model, path: Path, float_type=np.float32, **build) -> list[Path]:
+    """Build the decoder graph with its initializers streamed to path's external data file as they are made, then
+    save it. A model under protobuf's 2 GB limit becomes one file (what transformers.js loads by default), copied
+    from the data file tensor by tensor; a larger one keeps model*.onnx_data beside it."""
     import onnx
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if _fits(proto):
-        onnx.save(proto, path)
-        return [path]
+    from edgepack.exporters.onnx_graph import ExternalData, build_decoder_graph
+
     data = path.with_name(path.name + "_data")
-    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
+    store = ExternalData(data)
+    try:
+        proto = build_decoder_graph(model, float_type, store=store, **build)
+    finally:
+        store.close()
+    if store.size < PROTOBUF_LIMIT:
+        save_inline(proto, path, data)
+        data.unlink()
+        return [path]
+    onnx.save(proto, path)
     return [path, data]
 
 
-def _fits(proto) -> bool:
-    """Whether the serialized graph stays under protobuf's limit (ByteSize itself overflows past 2 GiB)."""
-    total = sum(len(t.raw_data) for t in proto.graph.initializer)
-    return total < PROTOBUF_LIMIT
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
-def _nbits(proto, bits: int, symmetric: bool, include: list[str] | None = None, exclude: list[str] | None = None):
-    """onnxruntime's round-to-nearest MatMulNBits quantizer, blocks of 32, int8 compute (accuracy_level 4)."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+def save_inline(proto, path: Path, data: Path) -> None:
+    """Save a model whose initializers live in `data` as one self-contained .onnx file, one tensor in memory at a
+    time. Written by hand because onnx.save needs every tensor loaded into the ModelProto first (the whole model,
+    then a second copy as the serialized string). It relies on protobuf's documented merge rule: a message field
+    that occurs several times in the stream is merged, its repeated fields concatenated. So the file is the model
+    without those tensors, followed by one `graph { initializer { tensor } }` record per tensor, which every
+    protobuf parser (onnx, onnxruntime, onnxruntime-web) reads as the same graph with all its initializers."""
+    from onnx import ModelProto, TensorProto
 
-    config = DefaultWeightOnlyQuantConfig(block_size=BLOCK, is_symmetric=symmetric, accuracy_level=4,
-                                          op_types_to_quantize=("MatMul",), bits=bits)
-    quantizer = MatMulNBitsQuantizer(proto, block_size=BLOCK, is_symmetric=symmetric, accuracy_level=4,
-                                     nodes_to_include=include, nodes_to_exclude=exclude, algo_config=config)
-    quantizer.process()
-    return quantizer.model.model
+    graph_field = ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+    init_field = ModelProto.DESCRIPTOR.fields_by_name["graph"].message_type.fields_by_name["initializer"].number
+    external = [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    kept = [t for t in proto.graph.initializer if t.data_location != TensorProto.EXTERNAL]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    with open(path, "wb") as out, open(data, "rb") as src:
+        out.write(proto.SerializeToString())
+        for tensor in external:
+            where = {entry.key: int(entry.value) for entry in tensor.external_data if entry.key in ("offset", "length")}
+            src.seek(where.get("offset", 0))
+            inline = TensorProto()
+            inline.CopyFrom(tensor)
+            inline.ClearField("external_data")
+            inline.data_location = TensorProto.DEFAULT
+            inline.raw_data = src.read(where["length"])
+            body = inline.SerializeToString()
+            del inline
+            record = _varint(init_field << 3 | 2) + _varint(len(body)) + body
+            out.write(_varint(graph_field << 3 | 2) + _varint(len(record)))
+            out.write(record)
 
 
-def _hqq(proto, exclude: list[str]):
-    """onnxruntime's HQQ quantizer (half-quadratic optimization of each block's scale and zero point), 4-bit, 32."""
-    import warnings
+class LinearQuantizer:
+    """A linear hook for build_decoder_graph: onnxruntime's own MatMulNBits node quantizers, applied to one weight
+    at a time as the graph is built, so no whole-model copy is ever held (onnxruntime's MatMulNBitsQuantizer
+    walks a complete in-memory model, ~4 copies of the weights at its peak). Node by node the result is what the
+    whole-model quantizer writes: the same quantizer objects, the same node and initializer names.
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    body / head: the quantizer for the transformer layers / for lm_head. split_zero_points: HQQ's float zero points
+    rewritten for the int8 kernels (split_float_zero_points). dequantize: the MatMulNBits rewritten as
+    DequantizeLinear → MatMul (dequantize_nbits)."""
 
-    config = HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4, op_types_to_quantize=("MatMul",))
-    quantizer = MatMulNBitsQuantizer(proto, block_size=BLOCK, is_symmetric=False, nodes_to_exclude=exclude,
-                                     algo_config=config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # HQQ hands torch read-only NumPy views; harmless here
-        quantizer.process()
-    return quantizer.model.model
+    SLICE = 1 << 24  # values of the head expanded to float at a time (64 MB in fp32)
+
+    def __init__(self, body, head=None, split_zero_points: bool = False, dequantize: bool = False):
+        self.body, self.head = body, head or body
+        self.split_zero_points, self.dequantize = split_zero_points, dequantize
+
+    def __call__(self, x: str, weight, node_name: str, weight_name: str, output: str, float_type):
+        """weight: torch [N, K]. The head (vocab × hidden, the largest matrix) is quantized in slices of output rows
+        and the slices' MatMulNBits tensors concatenated: its round-to-nearest blocks run along K within one output
+        row, so slicing by rows gives the same bytes while only one slice is ever expanded to float."""
+        from onnx import NodeProto, TensorProto, numpy_helper
+
+        n, k = weight.shape
+        rows = max(1, self.SLICE // k) if node_name == LM_HEAD else n
+        parts = [self._quantize(x, np.ascontiguousarray(weight[i:i + rows].detach().float().numpy().T, dtype=float_type),
+                                node_name, weight_name, output, float_type) for i in range(0, n, rows)]
+        graph = parts[0]
+        if len(parts) > 1:
+            (node,) = graph.node
+            for attr in node.attribute:
+                if attr.name == "N":
+                    attr.i = n
+            merged = [numpy_helper.from_array(np.concatenate([numpy_helper.to_array(p.initializer[i]) for p in parts]),
+                                              t.name) for i, t in enumerate(graph.initializer)]
+            graph.ClearField("initializer")
+            graph.initializer.extend(merged)
+        proto = self._model(graph)
+        if self.split_zero_points:
+            split_float_zero_points(proto, float_type)
+        if self.dequantize:
+            dequantize_nbits(proto)
+        # copies, so that nothing keeps this model's protobuf arena (the float weight included) alive
+        return ([NodeProto.FromString(node.SerializeToString()) for node in proto.graph.node],
+                [TensorProto.FromString(t.SerializeToString()) for t in proto.graph.initializer])
+
+    def _quantize(self, x: str, weight: np.ndarray, node_name: str, weight_name: str, output: str, float_type):
+        """One [K, N] weight through onnxruntime's node quantizer; the graph of its nodes and new initializers."""
+        import warnings
+
+        from onnx import TensorProto, helper, numpy_helper
+
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(float_type))
+        graph = helper.make_graph([], "linear", [], [helper.make_tensor_value_info(output, elem, None)],
+                                  [numpy_helper.from_array(weight, weight_name)])
+        matmul = helper.make_node("MatMul", [x, weight_name], [output], name=node_name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # HQQ hands torch read-only NumPy views; harmless here
+            nodes = (self.head if node_name == LM_HEAD else self.body).quantize(matmul, [graph])
+        graph.node.extend(nodes)
+        kept = [TensorProto.FromString(t.SerializeToString()) for t in graph.initializer if t.name != weight_name]
+        result = helper.make_graph(list(graph.node), "linear", [], list(graph.output), kept)
+        return result
+
+    @staticmethod
+    def _model(graph):
+        from onnx import helper
+
+        from edgepack.exporters.onnx_graph import MS, OPSET
+
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+
+
+def nbits(bits: int, symmetric: bool):
+    """onnxruntime's round-to-nearest MatMulNBits node quantizer, blocks of 32, int8 compute (accuracy_level 4)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
+        block_size=BLOCK, is_symmetric=symmetric, accuracy_level=4, op_types_to_quantize=("MatMul",), bits=bits))
+
+
+def hqq4():
+    """onnxruntime's HQQ node quantizer (half-quadratic optimization of each block's scale and zero point), 4-bit,
+    blocks of 32."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    return HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=BLOCK, bits=4, op_types_to_quantize=("MatMul",)))
 
 
 def split_float_zero_points(proto, float_type) -> None:
@@ -146,16 +252,13 @@ def split_float_zero_points(proto, float_type) -> None:
     graph.initializer.extend(kept)
 
 
-def quantize_q4(proto, float_type, plain: bool = False):
+def q4_quantizer(plain: bool = False, dequantize: bool = False) -> LinearQuantizer:
     """q4 / q4f16. Transformer layers: HQQ 4-bit blocks of 32, run on the int8 kernels (split_float_zero_points);
     lm_head: 8-bit blocks of 32 (llama.cpp's Q4_K_M keeps the output matrix at 6-8 bits too). plain: onnxruntime's
     round-to-nearest symmetric 4-bit everywhere, the floor validate compares with."""
     if plain:
-        return _nbits(proto, 4, symmetric=True)
-    proto = _hqq(proto, exclude=[LM_HEAD])
-    proto = _nbits(proto, 8, symmetric=True, include=[LM_HEAD])
-    split_float_zero_points(proto, float_type)
-    return proto
+        return LinearQuantizer(nbits(4, symmetric=True))
+    return LinearQuantizer(hqq4(), nbits(8, symmetric=True), split_zero_points=True, dequantize=dequantize)
 
 
 def dequantize_nbits(proto):
@@ -249,11 +352,11 @@ def dequantize_nbits(proto):
     return proto
 
 
-def quantize_q8(proto):
+def q8_quantizer() -> LinearQuantizer:
     """q8 (transformers.js' model_quantized.onnx): MatMulNBits 8-bit asymmetric blocks of 32, activations quantized
     to int8 per block at run time (accuracy_level 4), like llama.cpp's Q8_0. quantize_dynamic's per-tensor
     activation scale measured top-1 0.80 / KL 0.11 on the default model; this, 0.955 / 0.0044."""
-    return _nbits(proto, 8, symmetric=False)
+    return LinearQuantizer(nbits(8, symmetric=False))
 
 
 @register
@@ -276,7 +379,7 @@ class OnnxWebExporter(Exporter):
         if self._model is None:
             from edgepack.model.weights import load_decoder
 
-            self._model = load_decoder(source.path, target.context_length)
+            self._model = load_decoder(source.path, target.context_length, dtype=None)  # converted tensor by tensor
         return self._model
 
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
@@ -288,26 +391,24 @@ class OnnxWebExporter(Exporter):
 
 
 def write_variant(model, variant: str, out: Path) -> list[Path]:
-    """Write one transformers.js dtype of a loaded reference decoder under out/onnx/ (+ its baseline)."""
-    from edgepack.exporters.onnx_graph import build_decoder_graph
-
+    """Write one transformers.js dtype of a loaded reference decoder under out/onnx/ (+ its baseline). Every
+    weight is converted, quantized and written to disk one at a time (write_graph, LinearQuantizer)."""
     for name in ("onnxruntime.quantization", "root"):  # the quantizers log advice through the root logger
         logging.getLogger(name).setLevel(logging.ERROR)
     path = out / "onnx" / FILE_NAMES[variant]
     if variant == "fp32":
-        return save_model(build_decoder_graph(model), path)
+        return write_graph(model, path)
     if variant == "fp16":
-        return save_model(build_decoder_graph(model, np.float16), path)
+        return write_graph(model, path, np.float16)
     if variant == "q8":
-        return save_model(quantize_q8(build_decoder_graph(model, untie_lm_head=True, embed_fp16=True)), path)
+        return write_graph(model, path, untie_lm_head=True, embed_fp16=True, linear_hook=q8_quantizer())
     if variant == "q4dq":
-        q4 = quantize_q4(build_decoder_graph(model, np.float32, untie_lm_head=True, embed_fp16=True), np.float32)
-        return save_model(dequantize_nbits(q4), path)
+        return write_graph(model, path, untie_lm_head=True, embed_fp16=True,
+                           linear_hook=q4_quantizer(dequantize=True))
     if variant in ("q4", "q4f16"):
         float_type = np.float16 if variant == "q4f16" else np.float32
-        plain = quantize_q4(build_decoder_graph(model, float_type, untie_lm_head=True), float_type, plain=True)
-        files = save_model(plain, out / BASELINE_DIR / "onnx" / FILE_NAMES[variant])
-        del plain
-        ours = quantize_q4(build_decoder_graph(model, float_type, untie_lm_head=True, embed_fp16=True), float_type)
-        return save_model(ours, path) + files
+        files = write_graph(model, out / BASELINE_DIR / "onnx" / FILE_NAMES[variant], float_type, untie_lm_head=True,
+                            linear_hook=q4_quantizer(plain=True))
+        return write_graph(model, path, float_type, untie_lm_head=True, embed_fp16=True,
+                           linear_hook=q4_quantizer()) + files
     raise EdgepackError(f"onnx: unknown variant '{variant}'")

@@ -55,13 +55,17 @@ def decoder_state(folder: Path, cfg: DecoderConfig, family) -> dict[str, torch.T
     return state
 
 
-def load_decoder(folder: str | Path, context_length: int | None = None) -> Decoder:
-    """The reference decoder (fp32) with a folder's weights, cache capacity context_length (default: the model's)."""
+def load_decoder(folder: str | Path, context_length: int | None = None, dtype=torch.float32) -> Decoder:
+    """The reference decoder with a folder's weights, cache capacity context_length (default: the model's).
+    dtype None keeps the checkpoint's own (bf16: 2 bytes a parameter): for writers that read the weights one at a
+    time and convert each as they go, not for running the model."""
     folder = Path(folder)
     cfg = DecoderConfig.from_hf(read_config(folder), context_length)
     with torch.device("meta"):
         model = Decoder(cfg)
-    state = {k: v.float() for k, v in decoder_state(folder, cfg, FAMILIES[cfg.family]).items()}
+    state = decoder_state(folder, cfg, FAMILIES[cfg.family])
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,192 @@
+"""`edgepack bench-export`: export seconds and peak RSS per target for random-weight models with real configs.
+
+No model hub is needed: SHAPES holds the published configs (Hugging Face names), and build_random_model writes a
+model of that exact shape (bf16 safetensors, normal(0, 0.02) weights, norm weights 1, the default model's
+tokenizer). Random weights are right for memory, time and fp32/fp16 parity; they say nothing about int4 fidelity.
+
+measure() runs one `edgepack` command in a child process and samples the resident memory of its whole process
+tree (the child and everything it starts: llama.cpp's tools, the MLX worker) every 0.1 s; with cap_bytes it kills
+the tree the moment the sum passes the cap, so a test can fail on memory without the machine running out of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgepack.errors import EdgepackError
+
+_COMMON = {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+           "max_position_embeddings": 32768, "torch_dtype": "bfloat16"}
+SHAPES = {  # config.json facts of the published models (NOTES.md); vocab sizes as published (padded where they are)
+    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1e6},
+    "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                     "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+                     "rope_theta": 500000.0, "max_position_embeddings": 131072,
+                     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+    "qwen3-1.7b": {"model_type": "qwen3", "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+                   "rope_theta": 1e6},
+    "qwen2.5-3b": {"model_type": "qwen2", "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                   "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1e6},
+    "phi-4-mini": {"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+                   "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064, "rope_theta": 10000.0,
+                   "partial_rotary_factor": 0.75, "max_position_embeddings": 131072,
+                   "original_max_position_embeddings": 4096,
+                   "rope_scaling": {"type": "longrope", "long_factor": [1.0] * 48, "short_factor": [1.0] * 48}},
+}
+
+
+def build_random_model(folder: Path, shape: str, tokenizer_from: Path | None = None) -> Path:
+    """A random-weight Hugging Face folder with SHAPES[shape]'s config. Built layer by layer on the meta device and
+    saved in bf16, so building it needs about 2 bytes per parameter. Idempotent: an existing folder is kept."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if shape not in SHAPES:
+        raise EdgepackError(f"bench-export: unknown model shape '{shape}'; choose from {', '.join(SHAPES)}")
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = AutoConfig.for_model(**(_COMMON | SHAPES[shape]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    model.tie_weights()  # without it a tied model saves its own lm_head
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(0.0 if config.model_type.startswith("gemma") else 1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="50GB")
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
+    tokenizer_from = tokenizer_from or _default_tokenizer_folder()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, tmp / name)
+    del model
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def _default_tokenizer_folder() -> Path:
+    from edgepack.source import resolve
+
+    return resolve(None).path
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    try:
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return total
+
+
+def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None = None) -> dict:
+    """Run `edgepack ARGS` in a child process; returns its exit code, seconds, peak tree RSS (bytes), whether the
+    cap killed it, and the last line it wrote to stderr."""
+    import psutil
+
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=log,
+                             stderr=subprocess.STDOUT if log_path else subprocess.PIPE, text=True)
+    proc, peak, capped = psutil.Process(child.pid), 0, False
+    while child.poll() is None:
+        peak = max(peak, _tree_rss(proc))
+        if cap_bytes and peak > cap_bytes:
+            capped = True
+            for p in [*proc.children(recursive=True), proc]:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            child.wait()
+            break
+        time.sleep(0.1)
+    seconds = time.perf_counter() - start
+    if log_path:
+        log.close()
+        lines = [line for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
+    else:
+        lines = [line for line in child.stderr.read().splitlines() if line.strip()]
+    return {"code": child.returncode, "seconds": round(seconds, 1), "peak_rss": peak, "capped": capped,
+            "last_line": lines[-1] if lines else ""}
+
+
+def parameters(folder: Path) -> int:
+    from edgepack.fleet import parameter_count
+
+    return parameter_count(str(folder))
+
+
+def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -> list[dict]:
+    """Build each shape's random model under work/models, export each target into work/dist (one fresh export per
+    target, --force), and measure it. Returns one row per (shape, target)."""
+    rows = []
+    for shape in shapes:
+        folder = build_random_model(work / "models" / shape, shape)
+        params = parameters(folder)
+        for target in targets:
+            out = work / "dist" / shape
+            shutil.rmtree(out, ignore_errors=True)
+            result = measure(["export", "--model", folder, "--target", target, "--out", out, "--force"],
+                             log_path=work / f"{shape}-{target}.log")
+            row = {"shape": shape, "parameters": params, "target": target, **result}
+            rows.append(row)
+            log(f"{shape:>14} {params / 1e9:5.2f}B {target:>8}: {'ok' if result['code'] == 0 else 'FAILED'} "
+                f"{result['seconds']:7.1f} s  peak {result['peak_rss'] / 1e9:5.2f} GB"
+                + ("" if result["code"] == 0 else f"  ({result['last_line']})"))
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def write_rows(rows: list[dict], path: Path) -> None:
+    from datetime import datetime, timezone
+
+    import platform
+
+    import psutil
+
+    path.write_text(json.dumps({
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": {
+            "cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "platform": platform.platform()}, "rows": rows}, indent=2) + "\n")
+
+
+def fit(rows: list[dict]) -> dict[str, tuple[float, float]]:
+    """Per target, peak ≈ a + b × parameters (GB, GB per billion) through the successful rows: a least-squares line
+    through two or more sizes, or, with one size, b from that size alone (a = 0)."""
+    import numpy as np
+
+    lines = {}
+    for target in dict.fromkeys(r["target"] for r in rows):
+        points = [(r["parameters"] / 1e9, r["peak_rss"] / 1e9) for r in rows if r["target"] == target and r["code"] == 0]
+        if len({x for x, _ in points}) >= 2:
+            b, a = np.polyfit([x for x, _ in points], [y for _, y in points], 1)
+            lines[target] = (float(a), float(b))
+        elif points:
+            lines[target] = (0.0, points[0][1] / points[0][0])
+    return lines

@@ -1,0 +1,54 @@
+"""Export at a real size in bounded memory (issue 14): a random-weight model with Qwen2.5-0.5B's published config
+(494M parameters, vocab 151936), exported as a user would (`edgepack export` in its own process) while a watchdog
+sums the resident memory of the whole process tree every 0.1 s and kills it the moment the cap is crossed. The cap
+is the memory model the fleet schedules by (fleet.PEAK_GB: a + b × parameters), so a regression in either fails.
+
+The web target runs here (CI); `edgepack bench-export` measures every target and the larger shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgepack.fleet import peak_bytes
+from edgepack.scale import build_random_model, measure, parameters
+
+pytestmark = pytest.mark.scale
+
+
+@pytest.fixture(scope="module")
+def half_billion(tmp_path_factory):
+    return build_random_model(tmp_path_factory.mktemp("scale") / "qwen2.5-0.5b", "qwen2.5-0.5b")
+
+
+def test_web_export_of_a_half_billion_model_stays_under_its_memory_cap(half_billion, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    count = parameters(half_billion)
+    assert count == 494_032_768  # the published model's count: tied embedding, real shapes
+    cap = peak_bytes("web", count)
+    result = measure(["export", "--model", half_billion, "--target", "web", "--out", tmp_path],
+                     cap_bytes=cap, log_path=tmp_path / "export.log")
+    assert not result["capped"], f"web export passed its {cap / 1e9:.1f} GB cap (killed; {tmp_path / 'export.log'})"
+    assert result["code"] == 0, result["last_line"]
+    print(f"web export of 494M: {result['seconds']} s, peak {result['peak_rss'] / 1e9:.2f} GB (cap {cap / 1e9:.1f})")
+
+    # The streamed files are whole models: q4 (one self-contained file, its tensors appended record by record)
+    # loads in onnxruntime and its first logits are finite and agree with fp16's argmax-wise on a short prompt.
+    onnx_dir = next(tmp_path.glob("*/web/onnx"))
+    assert (onnx_dir / "model_q4.onnx").stat().st_size < 2e9 and not (onnx_dir / "model_q4.onnx_data").exists()
+    graph = onnx.load(str(onnx_dir / "model_q4.onnx"), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in graph.graph.node) == 24 * 5 + 1  # qkv, o, gate, up, down; head
+    logits = {}
+    for name in ("model_q4.onnx", "model_fp16.onnx"):
+        session = ort.InferenceSession(str(onnx_dir / name), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": np.array([[1, 2, 3, 4]], np.int64), "attention_mask": np.ones((1, 4), np.int64),
+                 "position_ids": np.arange(4, dtype=np.int64)[None]}
+        for node in session.get_inputs()[3:]:
+            dtype = np.float16 if "float16" in node.type else np.float32
+            feeds[node.name] = np.zeros((1, 2, 0, 64), dtype)
+        logits[name] = session.run(["logits"], feeds)[0][0, -1].astype(np.float32)
+        del session
+    assert np.isfinite(logits["model_q4.onnx"]).all()
+    assert np.corrcoef(logits["model_q4.onnx"], logits["model_fp16.onnx"])[0, 1] > 0.9
