@@ -439,14 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build", action="store_true", help="build every missing one now")
     p.add_argument("--json", action="store_true", help="print JSON")
     from edgepack.scale import SHAPES  # a table, no heavy imports
+    from edgepack.targets import TARGETS
 
     p = command("bench-export", cmd_bench_export, "export seconds and peak RSS (process tree) per target for "
                 "random-weight models with published configs, built here (no download)", model=False, targets=False,
                 out=False)
     p.add_argument("--shape", nargs="+", default=["qwen2.5-0.5b"], choices=list(SHAPES), metavar="S",
                    help=f"model shapes ({', '.join(SHAPES)}); default qwen2.5-0.5b")
-    p.add_argument("--target", nargs="+", default=["cpu", "web", "android", "ios", "mac"], metavar="T",
-                   choices=["cpu", "web", "android", "ios", "mac"],
+    p.add_argument("--target", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="T",
                    help="targets (default: all)")
     p.add_argument("--work", type=Path, default=Path("bench-export"), metavar="DIR",
                    help="models, logs and bench-export.json go here (default: bench-export)")

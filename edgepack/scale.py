@@ -136,19 +136,15 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
             "last_line": lines[-1] if lines else ""}
 
 
-def parameters(folder: Path) -> int:
-    from edgepack.fleet import parameter_count
-
-    return parameter_count(str(folder))
-
-
 def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -> list[dict]:
     """Build each shape's random model under work/models, export each target into work/dist (one fresh export per
     target, --force), and measure it. Returns one row per (shape, target)."""
+    from edgepack.fleet import parameter_count
+
     rows = []
     for shape in shapes:
         folder = build_random_model(work / "models" / shape, shape)
-        params = parameters(folder)
+        params = parameter_count(str(folder))
         for target in targets:
             out = work / "dist" / shape
             shutil.rmtree(out, ignore_errors=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgepack.fleet import peak_bytes
-from edgepack.scale import build_random_model, measure, parameters
+from edgepack.fleet import parameter_count, peak_bytes
+from edgepack.scale import build_random_model, measure
 
 pytestmark = pytest.mark.scale
 
@@ -25,7 +25,7 @@ def test_web_export_of_a_half_billion_model_stays_under_its_memory_cap(half_bill
     import onnx
     import onnxruntime as ort
 
-    count = parameters(half_billion)
+    count = parameter_count(str(half_billion))
     assert count == 494_032_768  # the published model's count: tied embedding, real shapes
     cap = peak_bytes("web", count)
     result = measure(["export", "--model", half_billion, "--target", "web", "--out", tmp_path],

@@ -153,7 +153,7 @@ class LinearQuantizer:
         """One [K, N] weight through onnxruntime's node quantizer; the graph of its nodes and new initializers."""
         import warnings
 
-        from onnx import TensorProto, helper, numpy_helper
+        from onnx import helper, numpy_helper
 
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(float_type))
         graph = helper.make_graph([], "linear", [], [helper.make_tensor_value_info(output, elem, None)],
@@ -163,9 +163,8 @@ class LinearQuantizer:
             warnings.simplefilter("ignore", UserWarning)  # HQQ hands torch read-only NumPy views; harmless here
             nodes = (self.head if node_name == LM_HEAD else self.body).quantize(matmul, [graph])
         graph.node.extend(nodes)
-        kept = [TensorProto.FromString(t.SerializeToString()) for t in graph.initializer if t.name != weight_name]
-        result = helper.make_graph(list(graph.node), "linear", [], list(graph.output), kept)
-        return result
+        kept = [t for t in graph.initializer if t.name != weight_name]  # make_graph copies them out of this graph
+        return helper.make_graph(list(graph.node), "linear", [], list(graph.output), kept)
 
     @staticmethod
     def _model(graph):
