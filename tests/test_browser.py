@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pytest
 
@@ -15,6 +16,8 @@ from edgepack.artifacts import Artifact, artifacts_in
 from edgepack.runtime import open_runner
 from edgepack.web import NODE_MODULES
 from edgepack.web.browser import Browser, chromium_path, serve
+
+from conftest import with_browser_kernels
 
 pytestmark = [
     pytest.mark.skipif(chromium_path() is None or not (NODE_MODULES / "@wllama").is_dir(),
@@ -36,7 +39,8 @@ def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], li
 
     Equal, token for token, unless the two runtimes meet a near-tie: WASM and native kernels sum in different
     orders, and the default model has next-token pairs within 0.04 logit. Then every browser token is teacher-forced
-    through the Python runner and must be its top choice or within 0.1 logit of it (not a different computation)."""
+    through the Python runner and must be its top choice or within 0.1 logit of it (not a different computation).
+    A quantized runner here computes as the browser does (conftest.with_browser_kernels)."""
     python_ids = list(runner.generate_ids(prompt_ids, limit))
     if python_ids == browser_ids[: len(python_ids)] and len(browser_ids) == len(python_ids):
         return f"equal for all {len(python_ids)} tokens"
@@ -72,12 +76,13 @@ def wasm_browser():
 @pytest.mark.parametrize("prompt", [FRANCE, SEA])
 @pytest.mark.parametrize(("engine", "target", "variant"), [("wasm", "web", "q4"), ("wllama", "cpu", "F16")])
 def test_the_page_generates_the_python_runners_tokens(dist, default_source, wasm_browser, engine, target, variant,
-                                                       prompt):
+                                                       prompt, tmp_path):
     """onnxruntime-web on WASM against onnxruntime, wllama against llama.cpp (llama-cpp-python): same file."""
     with serve(dist) as url:
         state = wasm_browser.chat(url, model=default_source.slug, engine=engine, variant=variant, prompt=prompt,
                                   n=32, temperature=0, ids=1)
-    runner = open_runner(artifact(dist, default_source.slug, target, variant))
+    found = artifact(dist, default_source.slug, target, variant)
+    runner = open_runner(with_browser_kernels(found, tmp_path / "kernels") if engine == "wasm" else found)
     ids = runner.encode(prompt)
     if engine == "wasm":  # tokenizers.js + jinja applied the same chat template
         assert state["done"]["promptTokens"] == len(ids)
@@ -121,27 +126,29 @@ def test_stop_ends_a_long_answer(dist, default_source, wasm_browser):
 
 @pytest.fixture(scope="module")
 def tiny_web(tiny_models, tmp_path_factory) -> tuple[Path, str]:
-    """A tiny Llama's web target (fp32, q4dq, q4, fp16), exported by the CLI: small enough for SwiftShader's WebGPU.
-    (onnxruntime-web 1.30's WebGPU runs no 8-bit MatMulNBits, and its blockwise 4-bit DequantizeLinear gave garbage
-    logits here, so q4 / q4f16 / q8 / q4dq are offered disabled on WebGPU; fp16 needs shader-f16.)"""
+    """A tiny Llama's web target, exported by the CLI: small enough for SwiftShader's WebGPU."""
     out = tmp_path_factory.mktemp("tiny-dist")
     exported = subprocess.run([sys.executable, "-m", "edgepack", "export", "--model", str(tiny_models["llama"]),
-                               "--target", "web", "--variant", "fp32", "q4dq", "q4", "fp16", "--out", str(out)],
-                              capture_output=True, text=True, timeout=600)
+                               "--target", "web", "--variant", "fp32", "q4dq", "q4", "q4f16", "q8", "fp16",
+                               "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr
     (slug,) = [p.name for p in out.iterdir() if p.is_dir()]
     return out, slug
 
 
-def test_the_page_on_webgpu_generates_the_onnx_runners_tokens(tiny_web):
+@pytest.mark.parametrize("variant", [None, "fp32"])
+def test_the_page_on_webgpu_generates_the_onnx_runners_tokens(tiny_web, variant, tmp_path):
+    """None: the page's own WebGPU choice, q4 on an adapter without shader-f16 (SwiftShader), q4f16 with it."""
     dist, slug = tiny_web
     prompt = "Tell me about the sea."
+    choice = {"variant": variant} if variant else {}
     with Browser(webgpu=True) as browser, serve(dist) as url:
-        state = browser.chat(url, model=slug, engine="webgpu", prompt=prompt, n=32, temperature=0, ids=1)
-    variant = state["loaded"]["variant"]  # the page's WebGPU default: fp32 on SwiftShader (no shader-f16)
+        state = browser.chat(url, model=slug, engine="webgpu", prompt=prompt, n=32, temperature=0, ids=1, **choice)
+    loaded = state["loaded"]["variant"]
     assert state["caps"]["webgpu"] is True and state["loaded"]["engine"] == "webgpu"
-    runner = open_runner(artifact(dist, slug, "web", variant))
-    print(f"\n{variant} on WebGPU ({state['caps']['adapter']}): "
+    assert loaded == (variant or ("q4f16" if state["caps"]["shaderF16"] else "q4"))
+    runner = open_runner(with_browser_kernels(artifact(dist, slug, "web", loaded), tmp_path / "kernels"))
+    print(f"\n{loaded} on WebGPU ({state['caps']['adapter']}): "
           f"{assert_same_greedy(runner, runner.encode(prompt), state['done']['ids'])}")
 
 
@@ -155,11 +162,32 @@ def test_webgpu_offers_only_what_the_adapter_and_onnxruntime_web_run(tiny_web):
         options = page.eval_on_selector_all("#variant option", "os => os.map(o => [o.value, o.disabled, o.textContent])")
         page.close()
     by_name = {value: (disabled, text) for value, disabled, text in options}
-    assert by_name["q4"][0] is True and "8-bit MatMulNBits" in by_name["q4"][1]
-    assert by_name["q4dq"][0] is True and by_name["fp32"][0] is False
+    assert by_name["q4"][0] is False and by_name["q8"][0] is False and by_name["fp32"][0] is False
+    assert by_name["q4dq"][0] is True and "DequantizeLinear" in by_name["q4dq"][1]
     if caps["shaderF16"]:
-        pytest.skip(f"this adapter ({caps['adapter']}) has shader-f16: fp16 is offered")
-    assert by_name["fp16"][0] is True and "no shader-f16" in by_name["fp16"][1]
+        pytest.skip(f"this adapter ({caps['adapter']}) has shader-f16: fp16 and q4f16 are offered")
+    for name in ("fp16", "q4f16"):
+        assert by_name[name][0] is True and "no shader-f16" in by_name[name][1], name
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "q4"])
+def test_transformers_js_on_webgpu_generates_the_python_runners_tokens(tiny_web, dtype, tmp_path):
+    """Stock transformers.js (npm, served locally): pipeline-level from_pretrained(folder, {device: 'webgpu', dtype})
+    on the exported folder, greedy, against the Python runner on the same file."""
+    dist, slug = tiny_web
+    prompt = "Tell me about the sea."
+    query = urlencode({"model": f"{slug}/web", "dtype": dtype, "device": "webgpu", "prompt": prompt, "n": 32})
+    with Browser(webgpu=True) as browser, serve(dist) as url:
+        page = browser.new_page()
+        page.goto(f"{url}/static/transformersjs-check.html?{query}")
+        page.wait_for_function("window.edgepackResult !== undefined", timeout=300_000)
+        result = page.evaluate("window.edgepackResult")
+        page.close()
+    assert "error" not in result, result.get("error")
+    runner = open_runner(with_browser_kernels(artifact(dist, slug, "web", dtype), tmp_path / "kernels"))
+    ids = runner.encode(prompt)
+    assert result["prompt"] == ids
+    print(f"\ntransformers.js {dtype} on WebGPU: {assert_same_greedy(runner, ids, result['generated'])}")
 
 
 def test_two_hundred_concurrent_range_requests_on_a_large_artifact(dist, default_source):

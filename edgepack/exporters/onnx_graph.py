@@ -132,6 +132,30 @@ class _Graph:
         return out
 
 
+def embedding_rows(g: _Graph, table: onnx.NodeProto | None, hidden: int, out: str) -> None:
+    """Rows of an embedding table stored as a symmetric 8-bit MatMulNBits' tensors: B [vocab, hidden/block, block]
+    uint8 with the implied zero point 128, scales [vocab, hidden/block]. A row is (B[id] - 128) · scale per block:
+    Gather → Cast → Sub → Mul(Gather(scales)) → Reshape.
+
+    Written by hand because no converter writes it: onnxruntime's GatherBlockQuantized does this in one node, but
+    onnxruntime-web's WASM build has no kernel for it (measured: "Could not find an implementation"). These are
+    plain ops every execution provider runs, and none needs fp16, so WebGPU adapters without shader-f16 run it
+    (a Gather over an fp16 table does not: "Program Gather requires f16 but the device does not support it")."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in table.attribute} if table is not None else {}
+    if attrs.get("bits") != 8 or attrs.get("K") != hidden or hidden % attrs["block_size"] or len(table.input) > 3:
+        raise EdgepackError("onnx: an 8-bit embedding needs a linear hook that makes lm_head a symmetric 8-bit "
+                            "MatMulNBits whose blocks divide the hidden size")
+    (q,) = g.node("Gather", [table.input[1], "input_ids"], name="embed")
+    (q,) = g.node("Cast", [q], to=g.elem, name="embed/Cast")
+    (q,) = g.node("Sub", [q, g.weight("embed/zero_point", np.array(128))], name="embed/Sub")
+    (scale,) = g.node("Gather", [table.input[2], "input_ids"], name="embed/scales")
+    (scale,) = g.node("Unsqueeze", [scale, g.weight("embed/last_axis", np.array([-1], np.int64), keep_dtype=True)],
+                      name="embed/scales/Unsqueeze")
+    (rows,) = g.node("Mul", [q, scale], name="embed/Mul")
+    g.node("Reshape", [rows, g.weight("embed/shape", np.array([0, 0, hidden], np.int64), keep_dtype=True)], [out],
+           name="embed/Reshape")
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().numpy()
 
@@ -144,12 +168,17 @@ def rotary_caches(model: Decoder, positions: int, local: bool = False) -> tuple[
 
 
 def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bool = False,
-                        embed_fp16: bool = False, store: ExternalData | None = None,
+                        embed: str = "float", store: ExternalData | None = None,
                         linear_hook=None) -> onnx.ModelProto:
     """The fused decoder graph for a loaded reference decoder. untie_lm_head stores lm_head as its own
     [hidden, vocab] weight (what a weight quantizer needs); otherwise a tied head reads the embedding transposed.
-    embed_fp16 stores the embedding table in fp16 and casts the gathered rows (half the bytes; a token reads
-    one row, so speed does not change). store: write initializers to an external data file as they are made.
+    embed: how the embedding table is stored.
+      "float": in the graph's float type.
+      "fp16": in fp16, the gathered rows cast (half the bytes; a token reads one row, so speed does not change).
+      "8bit": as symmetric 8-bit MatMulNBits blocks, read by embedding_rows (about 1.1 bytes a value). A tied
+              table is the quantized lm_head's own tensors, so the file holds it once; an untied one is quantized
+              by the linear hook the same way (as "model.embed_tokens"). Needs a hook that makes lm_head so.
+    store: write initializers to an external data file as they are made.
     linear_hook(x, weight [N, K] (torch), node name, weight name, output name, float type) -> (nodes, initializers):
     what each linear layer becomes (a weight quantizer, applied one weight at a time)."""
     cfg = model.cfg
@@ -189,13 +218,15 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
             g.weight(f"{prefix}cos_cache", cos)
             g.weight(f"{prefix}sin_cache", sin)
 
-    embed = _np(model.embed.weight)
-    if embed_fp16 and g.float != np.float16:
-        table = g.weight("model.embed_tokens.weight", embed.astype(np.float16), keep_dtype=True)
+    if embed == "8bit":  # its nodes go here once the 8-bit tensors exist (lm_head's are made last)
+        embed_at, x = len(g.nodes), "embed/rows"
+    elif embed == "fp16" and g.float != np.float16:
+        table = g.weight("model.embed_tokens.weight", _np(model.embed.weight).astype(np.float16), keep_dtype=True)
         (x,) = g.node("Gather", [table, "input_ids"], name="embed")
         (x,) = g.node("Cast", [x], to=g.elem, name="embed/Cast")
     else:
-        (x,) = g.node("Gather", [g.weight("model.embed_tokens.weight", embed), "input_ids"], name="embed")
+        (x,) = g.node("Gather", [g.weight("model.embed_tokens.weight", _np(model.embed.weight)), "input_ids"],
+                      name="embed")
     if cfg.embed_scale != 1.0:
         (x,) = g.node("Mul", [x, g.weight("embed_scale", np.array(cfg.embed_scale))], name="embed/scale")
     eps = cfg.rms_norm_eps
@@ -285,6 +316,19 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
     if g.float != np.float32:
         (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT, name="logits/Cast")
     g.nodes[-1].output[0] = "logits"
+    if embed == "8bit":
+        if cfg.tie_word_embeddings:
+            table = next((n for n in g.nodes if n.op_type == "MatMulNBits" and n.name.startswith("lm_head/")), None)
+        else:  # quantized like lm_head; only its tensors are kept
+            nodes, tensors = g.linear_hook("input_ids", model.embed.weight, "model.embed_tokens/MatMul",
+                                           "model.embed_tokens.weight", "embed/unused", g.float)
+            for tensor in tensors:
+                g.add(tensor)
+            table = next((n for n in nodes if n.op_type == "MatMulNBits"), None)
+        tail = g.nodes[embed_at:]
+        del g.nodes[embed_at:]
+        embedding_rows(g, table, cfg.hidden_size, "embed/rows")
+        g.nodes.extend(tail)
 
     graph = helper.make_graph(g.nodes, "edgepack-decoder", inputs, outputs, g.inits)
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],

@@ -3,9 +3,11 @@
     web/config.json, generation_config.json, tokenizer.json, tokenizer_config.json (chat_template inside)
     web/onnx/model.onnx            fp32
     web/onnx/model_fp16.onnx       fp16 weights and activations, fp16 KV cache
-    web/onnx/model_quantized.onnx  q8: dynamic int8 (onnxruntime.quantization.quantize_dynamic, per channel)
-    web/onnx/model_q4.onnx         q4: MatMulNBits 4-bit blocks of 32 (onnxruntime's MatMulNBitsQuantizer)
+    web/onnx/model_quantized.onnx  q8: MatMulNBits 8-bit blocks of 32, int8 activations per block
+    web/onnx/model_q4.onnx         q4: MatMulNBits HQQ 4-bit blocks of 32 (onnxruntime's node quantizers)
     web/onnx/model_q4f16.onnx      q4 weights, fp16 activations and KV cache
+    (q8, q4, q4f16: lm_head is llama.cpp's Q8_0 and the embedding reads its rows from those 8-bit blocks, so a tied
+    table is stored once and no op needs fp16: WebGPU adapters without shader-f16 run them)
     web/onnx/model_q4dq.onnx       q4's weights as DequantizeLinear → MatMul: a 4-bit download that the runtime
                                    expands to fp32 at load, for WASM (whose MatMulNBits has no fast kernel)
     web/baseline/onnx/model_q4*.onnx   plain round-to-nearest q4, which validate measures beside ours
@@ -39,6 +41,7 @@ FILE_NAMES = {  # transformers.js dtype -> file name under onnx/
 PROTOBUF_LIMIT = 2_000_000_000  # bytes; protobuf cannot serialize a message of 2 GiB or more
 BLOCK = 32
 LM_HEAD = "lm_head/MatMul"  # the node name onnx_graph gives an untied head
+HEADS = (LM_HEAD, "model.embed_tokens/MatMul")  # and an untied embedding it quantizes like the head (embed="8bit")
 
 
 def write_graph(model, path: Path, float_type=np.float32, **build) -> list[Path]:
@@ -127,7 +130,7 @@ class LinearQuantizer:
         from onnx import NodeProto, TensorProto, numpy_helper
 
         n, k = weight.shape
-        rows = max(1, self.SLICE // k) if node_name == LM_HEAD else n
+        rows = max(1, self.SLICE // k) if node_name in HEADS else n
         parts = [self._quantize(x, np.ascontiguousarray(weight[i:i + rows].detach().float().numpy().T, dtype=float_type),
                                 node_name, weight_name, output, float_type) for i in range(0, n, rows)]
         graph = parts[0]
@@ -161,7 +164,7 @@ class LinearQuantizer:
         matmul = helper.make_node("MatMul", [x, weight_name], [output], name=node_name)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # HQQ hands torch read-only NumPy views; harmless here
-            nodes = (self.head if node_name == LM_HEAD else self.body).quantize(matmul, [graph])
+            nodes = (self.head if node_name in HEADS else self.body).quantize(matmul, [graph])
         graph.node.extend(nodes)
         kept = [t for t in graph.initializer if t.name != weight_name]  # make_graph copies them out of this graph
         return helper.make_graph(list(graph.node), "linear", [], list(graph.output), kept)
@@ -181,6 +184,38 @@ def nbits(bits: int, symmetric: bool):
 
     return DefaultWeightOnlyQuantizer(DefaultWeightOnlyQuantConfig(
         block_size=BLOCK, is_symmetric=symmetric, accuracy_level=4, op_types_to_quantize=("MatMul",), bits=bits))
+
+
+class Q8_0:
+    """lm_head (and the 8-bit embedding that reads it) as llama.cpp's Q8_0: gguf-py's own quantizer (blocks of 32,
+    symmetric, scale = max|w| / 127 in fp16), stored as an 8-bit MatMulNBits (B = q + 128, its implied zero point).
+    A node quantizer with the interface of onnxruntime's (quantize(node, graph stack) -> nodes, and the same tensor
+    names).
+
+    Why not onnxruntime's symmetric 8-bit: it maps each block's extreme to -128 (scale max|w| / 128), a grid one
+    step off Q8_0's. Measured on the default model, whose tables are Q8_0 in its GGUF (so Q8_0 is lossless there):
+    q4 with onnxruntime's 8-bit head and embedding, top-1 0.940 / KL 0.0039; with Q8_0's, below."""
+
+    def quantize(self, node, graph_stack):
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
+        from onnx import helper, numpy_helper
+
+        graph = graph_stack[-1]
+        name = node.input[1]
+        weight = numpy_helper.to_array(next(t for t in graph.initializer if t.name == name))  # [K, N]
+        k, n = weight.shape
+        if k % BLOCK:
+            return nbits(8, symmetric=True).quantize(node, graph_stack)
+        blocks = quantize(np.ascontiguousarray(weight.T, dtype=np.float32), GGMLQuantizationType.Q8_0)
+        blocks = blocks.reshape(n, k // BLOCK, 2 + BLOCK)  # per block: fp16 scale, 32 int8
+        scales = blocks[..., :2].copy().view(np.float16)[..., 0].astype(weight.dtype)
+        q = (blocks[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+        graph.initializer.extend([numpy_helper.from_array(q, name + "_Q8"),
+                                  numpy_helper.from_array(scales, name + "_scales")])
+        return [helper.make_node("MatMulNBits", [node.input[0], name + "_Q8", name + "_scales"], list(node.output),
+                                 name=node.name + "_Q8", domain="com.microsoft", K=k, N=n, bits=8,
+                                 block_size=BLOCK, accuracy_level=4)]
 
 
 def hqq4():
@@ -253,11 +288,11 @@ def split_float_zero_points(proto, float_type) -> None:
 
 def q4_quantizer(plain: bool = False, dequantize: bool = False) -> LinearQuantizer:
     """q4 / q4f16. Transformer layers: HQQ 4-bit blocks of 32, run on the int8 kernels (split_float_zero_points);
-    lm_head: 8-bit blocks of 32 (llama.cpp's Q4_K_M keeps the output matrix at 6-8 bits too). plain: onnxruntime's
+    lm_head: Q8_0 (llama.cpp's Q4_K_M keeps the output matrix at 6-8 bits too). plain: onnxruntime's
     round-to-nearest symmetric 4-bit everywhere, the floor validate compares with."""
     if plain:
         return LinearQuantizer(nbits(4, symmetric=True))
-    return LinearQuantizer(hqq4(), nbits(8, symmetric=True), split_zero_points=True, dequantize=dequantize)
+    return LinearQuantizer(hqq4(), Q8_0(), split_zero_points=True, dequantize=dequantize)
 
 
 def dequantize_nbits(proto):
@@ -353,9 +388,9 @@ def dequantize_nbits(proto):
 
 def q8_quantizer() -> LinearQuantizer:
     """q8 (transformers.js' model_quantized.onnx): MatMulNBits 8-bit asymmetric blocks of 32, activations quantized
-    to int8 per block at run time (accuracy_level 4), like llama.cpp's Q8_0. quantize_dynamic's per-tensor
-    activation scale measured top-1 0.80 / KL 0.11 on the default model; this, 0.955 / 0.0044."""
-    return LinearQuantizer(nbits(8, symmetric=False))
+    to int8 per block at run time (accuracy_level 4); lm_head (and the embedding that reads it) Q8_0. quantize_dynamic's
+    per-tensor activation scale measured top-1 0.80 / KL 0.11 on the default model; this, 0.955 / 0.0044."""
+    return LinearQuantizer(nbits(8, symmetric=False), Q8_0())
 
 
 @register
@@ -400,14 +435,13 @@ def write_variant(model, variant: str, out: Path) -> list[Path]:
     if variant == "fp16":
         return write_graph(model, path, np.float16)
     if variant == "q8":
-        return write_graph(model, path, untie_lm_head=True, embed_fp16=True, linear_hook=q8_quantizer())
+        return write_graph(model, path, untie_lm_head=True, embed="8bit", linear_hook=q8_quantizer())
     if variant == "q4dq":
-        return write_graph(model, path, untie_lm_head=True, embed_fp16=True,
-                           linear_hook=q4_quantizer(dequantize=True))
+        return write_graph(model, path, untie_lm_head=True, embed="fp16", linear_hook=q4_quantizer(dequantize=True))
     if variant in ("q4", "q4f16"):
         float_type = np.float16 if variant == "q4f16" else np.float32
         files = write_graph(model, out / BASELINE_DIR / "onnx" / FILE_NAMES[variant], float_type, untie_lm_head=True,
                             linear_hook=q4_quantizer(plain=True))
-        return write_graph(model, path, float_type, untie_lm_head=True, embed_fp16=True,
+        return write_graph(model, path, float_type, untie_lm_head=True, embed="8bit",
                            linear_hook=q4_quantizer()) + files
     raise EdgepackError(f"onnx: unknown variant '{variant}'")

@@ -55,13 +55,9 @@ function variantsFor(slug, engine) {
 
 function needsF16(variant) { return /f16|fp16/.test(variant.variant); }
 
-// onnxruntime-web 1.30's WebGPU MatMulNBits runs 2- and 4-bit weights only; these variants hold 8-bit ones
-// (q8 throughout, q4 / q4f16 in the lm_head), so on WebGPU they are offered disabled, with the reason.
-const WEBGPU_8BIT = new Set(["q8", "q4", "q4f16"]);
-
 function webgpuBlocker(variant) {
-  if (WEBGPU_8BIT.has(variant.variant)) return "8-bit MatMulNBits: not in onnxruntime-web's WebGPU";
-  // measured: its WebGPU path returns garbage logits for blockwise 4-bit DequantizeLinear (WASM folds it right)
+  // measured: onnxruntime-web's WebGPU returns garbage logits for blockwise 4-bit DequantizeLinear (WASM folds it
+  // right), and q4dq's fp16 embedding table needs shader-f16 besides: q4dq is the WASM variant
   if (variant.variant === "q4dq") return "4-bit DequantizeLinear: wrong results on onnxruntime-web's WebGPU";
   if (needsF16(variant) && !state.caps?.shaderF16) return "this GPU adapter has no shader-f16";
   return null;
@@ -72,9 +68,10 @@ function fillVariants(preferred) {
   const select = $("variant");
   select.replaceChildren();
   // Defaults: on WASM q4dq (a 4-bit download expanded to fp32 at load: onnxruntime-web's WASM MatMulNBits is slow);
-  // on WebGPU fp16 where the adapter has shader-f16, else fp32; on wllama the smallest good GGUF.
+  // on WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no f16), as transformers.js
+  // users pick; on wllama the smallest good GGUF.
   const order = engine === "wllama" ? ["Q4_K_M", "Q4_0", "Q8_0"]
-    : engine === "webgpu" ? ["fp16", "fp32"] : ["q4dq", "q4", "fp32"];
+    : engine === "webgpu" ? ["q4f16", "q4", "fp16", "fp32"] : ["q4dq", "q4", "fp32"];
   const variants = variantsFor($("model").value, engine);
   const blocked = (v) => (engine === "webgpu" ? webgpuBlocker(v) : null);
   for (const v of variants) {

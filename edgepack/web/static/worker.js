@@ -5,15 +5,22 @@
 // Written by hand (no library does it for a raw ONNX decoder): the greedy / top-p decode loop over
 // onnxruntime-web with the KV cache fed back step to step. transformers.js' generate() runs the same graph but
 // re-wraps every tensor per step; this loop keeps the cache where the runtime left it (on the GPU for WebGPU).
+// Two builds of the same onnxruntime-web release: ort.all's WASM engine, and for WebGPU ort.webgpu's native WebGPU
+// execution provider (the C++ one transformers.js uses). ort.all's WebGPU is the older JSEP provider, whose
+// MatMulNBits rejects 8-bit weights (q4's lm_head and embedding, q8); the native one runs them. Each build loads
+// its .wasm only when a session is first made on it.
 import * as ort from "/vendor/onnxruntime-web/dist/ort.all.min.mjs";
+import * as ortWebgpu from "/vendor/onnxruntime-web/dist/ort.webgpu.min.mjs";
 import { Tokenizer } from "/vendor/@huggingface/tokenizers/dist/tokenizers.min.mjs";
 import { Template } from "/vendor/@huggingface/jinja/dist/index.js";
 import { Wllama } from "/vendor/@wllama/wllama/esm/index.js";
 
 const THREADS = Math.max(1, Math.min(navigator.hardwareConcurrency || 1, 8));
-ort.env.wasm.wasmPaths = "/vendor/onnxruntime-web/dist/";
-ort.env.wasm.numThreads = self.crossOriginIsolated ? THREADS : 1;  // threads need SharedArrayBuffer
-ort.env.logLevel = "error";
+for (const build of [ort, ortWebgpu]) {
+  build.env.wasm.wasmPaths = "/vendor/onnxruntime-web/dist/";
+  build.env.wasm.numThreads = self.crossOriginIsolated ? THREADS : 1;  // threads need SharedArrayBuffer
+  build.env.logLevel = "error";
+}
 
 let engine = null;     // the loaded engine
 let stopped = false;   // set by a "stop" message, read between decode steps
@@ -120,6 +127,7 @@ class OrtEngine {
     this.kvHeads = config.num_key_value_heads || config.num_attention_heads;
     this.headDim = config.head_dim || config.hidden_size / config.num_attention_heads;
     this.device = device;
+    this.ort = device === "webgpu" ? ortWebgpu : ort;
     const model = await download(`${base}/${file}`, file);
     // disable_quant_qdq lets onnxruntime fold DequantizeLinear on weights: q4dq's 4-bit weights become fp32 at load.
     const options = { executionProviders: [device], graphOptimizationLevel: "all",
@@ -132,7 +140,7 @@ class OrtEngine {
         options.preferredOutputLocation[`present.${i}.value`] = "gpu-buffer";
       }
     }
-    this.session = await ort.InferenceSession.create(model, options);
+    this.session = await this.ort.InferenceSession.create(model, options);
     const meta = (this.session.inputMetadata || []).find((m) => m.name === "past_key_values.0.key");
     this.cacheType = meta && meta.type === "float16" ? "float16" : "float32";
   }
@@ -149,8 +157,8 @@ class OrtEngine {
     const empty = this.cacheType === "float16" ? new Uint16Array(0) : new Float32Array(0);
     let past = [];
     for (let i = 0; i < this.layers; i++) {
-      past.push(new ort.Tensor(this.cacheType, empty, [1, this.kvHeads, 0, this.headDim]),
-                new ort.Tensor(this.cacheType, empty, [1, this.kvHeads, 0, this.headDim]));
+      past.push(new this.ort.Tensor(this.cacheType, empty, [1, this.kvHeads, 0, this.headDim]),
+                new this.ort.Tensor(this.cacheType, empty, [1, this.kvHeads, 0, this.headDim]));
     }
     let input = ids;
     let position = 0;
@@ -158,9 +166,9 @@ class OrtEngine {
       for (let step = 0; step < maxTokens; step++) {
         const n = input.length;
         const feeds = {
-          input_ids: new ort.Tensor("int64", BigInt64Array.from(input, BigInt), [1, n]),
-          attention_mask: new ort.Tensor("int64", new BigInt64Array(position + n).fill(1n), [1, position + n]),
-          position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: n }, (_, j) => BigInt(position + j)), [1, n]),
+          input_ids: new this.ort.Tensor("int64", BigInt64Array.from(input, BigInt), [1, n]),
+          attention_mask: new this.ort.Tensor("int64", new BigInt64Array(position + n).fill(1n), [1, position + n]),
+          position_ids: new this.ort.Tensor("int64", BigInt64Array.from({ length: n }, (_, j) => BigInt(position + j)), [1, n]),
         };
         for (let i = 0; i < this.layers; i++) {
           feeds[`past_key_values.${i}.key`] = past[2 * i];
