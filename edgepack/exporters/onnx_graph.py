@@ -320,8 +320,9 @@ def build_decoder_graph(model: Decoder, float_type=np.float32, untie_lm_head: bo
     if embed == "8bit":
         table_node, table = ("lm_head/MatMul", "lm_head.weight") if cfg.tie_word_embeddings else \
             ("model.embed_tokens/MatMul", "model.embed_tokens.weight")
-        nodes = [n for n in g.nodes if n.name.startswith("lm_head/")]
-        if not cfg.tie_word_embeddings:  # quantized like lm_head; only its tensors are kept
+        if cfg.tie_word_embeddings:
+            nodes = [n for n in g.nodes if n.name.startswith("lm_head/")]
+        else:  # quantized like lm_head; only its tensors are kept
             nodes, tensors = g.linear_hook("input_ids", model.embed.weight, table_node, table, "embed/unused", g.float)
             for tensor in tensors:
                 g.add(tensor)
