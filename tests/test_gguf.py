@@ -39,6 +39,17 @@ def export(folder, tmp_path, variants=("F16",)) -> list[Artifact]:
     return artifacts_in(tmp_path / source.slug)
 
 
+def test_llama_cpp_is_the_avx2_build_the_makefile_asks_for():
+    """make install compiles llama.cpp for AVX2 (Makefile LLAMA_CMAKE): a native build on a VM that reports Intel AMX
+    dies at its first AMX matmul (-11), which then shows up as crashes all over the suite; this says why, once."""
+    import llama_cpp
+
+    features = llama_cpp.llama_print_system_info().decode()
+    assert "AVX2 = 1" in features and "AMX" not in features, (
+        f"llama-cpp-python was not built with the Makefile's LLAMA_CMAKE ({features.strip()}); "
+        "reinstall it: make clean && make install")
+
+
 @pytest.mark.parametrize("kind", FAMILY_KINDS)
 def test_llama_cpp_runs_each_family_like_the_reference(tiny_models, tmp_path, kind):
     artifacts = {a.variant: a for a in export(tiny_models[kind], tmp_path, ("F32", "F16"))}
