@@ -69,22 +69,40 @@ def tflite_info(cfg, prefill_length: int, eos_ids: list[int], files: dict[str, s
     }
 
 
-def coreml_info(cfg, eos_ids: list[int], files: dict[str, str]) -> dict:
-    """ios/model_info.json: the ML Program's interface (see exporters/coreml.py), read by the runner and EdgepackLlm.swift."""
-    state = [cfg.num_layers, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
-    return {
+def coreml_info(cfg, eos_ids: list[int], files: dict[str, list[str]], chunks: list[range]) -> dict:
+    """ios/model_info.json: the ML Program's interface (see exporters/coreml.py), read by the runner and
+    EdgepackLlm.swift. A model over the exporter's CHUNK_PARAMS is a chain of packages, each with its own layers'
+    cache as state: `chunks` gives each one's interface, `files` each variant's packages in order."""
+    def state(layers: int) -> dict:
+        shape = [layers, 1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim]
+        return {"k_cache": {"shape": shape, "dtype": "float16"}, "v_cache": {"shape": shape, "dtype": "float16"}}
+
+    mask = {"causal_mask": {"shape": [1, 1, "T", "E"], "dtype": "float16"}}
+    ids = {"input_ids": {"shape": [1, "T"], "dtype": "int32"}}
+    hidden = {"shape": [1, "T", cfg.hidden_size], "dtype": "float16"}
+    logits = {"logits": {"shape": [1, "T", cfg.vocab_size], "dtype": "float16"}}
+    info = {
         "format": "coreml", "family": cfg.family, "minimum_deployment_target": "iOS18 / macOS15",
         "context_length": cfg.context_length, "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
         "eos_token_ids": eos_ids,
-        "inputs": {"input_ids": {"shape": [1, "T"], "dtype": "int32"},
-                   "causal_mask": {"shape": [1, 1, "T", "E"], "dtype": "float16"}},
-        "outputs": {"logits": {"shape": [1, "T", cfg.vocab_size], "dtype": "float16"}},
-        "states": {"k_cache": {"shape": state, "dtype": "float16"}, "v_cache": {"shape": state, "dtype": "float16"}},
+        "inputs": ids | mask, "outputs": logits, "states": state(cfg.num_layers),
         "usage": ("T = new tokens this call (the prompt for prefill, 1 for decode), E = tokens cached after it "
                   f"(≤ {cfg.context_length}). causal_mask[0, 0, t, e] = 0 when e ≤ E − T + t, else -65504. Create "
                   "the state once per conversation (MLModel.makeState()) and pass it to every prediction."),
-        "files": files,
+        "files": {v: names[0] for v, names in files.items()},
     }
+    if len(chunks) == 1:
+        return info
+    info["chunks"] = [{"layers": [c.start, c.stop],
+                       "inputs": (ids if c.start == 0 else {"hidden_in": hidden}) | mask,
+                       "outputs": logits if c.stop == cfg.num_layers else {"hidden_out": hidden},
+                       "states": state(len(c))} for c in chunks]
+    info["files"] = files
+    info["usage"] += (f" This model is a chain of {len(chunks)} packages (files: each variant's, in order): call "
+                      "them in turn with the same causal_mask, the first with input_ids, each next one with the "
+                      "previous one's hidden_out as hidden_in; the last returns logits. Each package has its own "
+                      "state (its layers' cache): make one per package per conversation.")
+    return info
 
 
 def litertlm_info(cfg, prefill_length: int, files: dict[str, str]) -> dict:

@@ -70,6 +70,52 @@ def test_the_mil_interpreter_matches_the_reference(tiny_ios):
     assert ours_error < 0.6 * plain_error, (ours_error, plain_error)  # measured 0.04-0.56 of it (gemma3 the most)
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "qwen2"])
+def test_a_model_over_the_chunk_size_is_a_chain_of_packages_that_runs_as_the_one_package(tiny_models, tmp_path,
+                                                                                          monkeypatch, kind):
+    """Above CHUNK_PARAMS the ios export is a chain of packages, one slice of layers each, so the converter holds
+    one slice at a time (bounded export memory). With CHUNK_PARAMS 1 every layer is its own package: gemma3's six
+    (tied head, sliding windows and local rotary by global layer index), qwen2's two (untied head). model_info.json
+    names each package's interface, and the chain's logits are the single package's."""
+    from edgepack.exporters import coreml, export_target
+    from edgepack.runtime.coreml import load_checked
+    from edgepack.source import resolve
+    from edgepack.targets import load_targets
+
+    source = resolve(str(tiny_models[kind]))
+    spec = load_targets().targets["ios"]
+    whole, chained = tmp_path / "whole" / source.slug, tmp_path / "chained" / source.slug
+    export_target(source, spec, {"coreml": ["fp16", "int4"]}, whole, force=False, log=lambda _: None)
+    monkeypatch.setattr(coreml, "CHUNK_PARAMS", 1)
+    export_target(source, spec, {"coreml": ["fp16", "int4"]}, chained, force=False, log=lambda _: None)
+    layers = json.loads((source.path / "config.json").read_text())["num_hidden_layers"]
+
+    info = json.loads((chained / "ios" / "model_info.json").read_text())
+    assert [c["layers"] for c in info["chunks"]] == [[i, i + 1] for i in range(layers)]
+    assert info["files"]["int4"] == [f"model_int4_{i + 1}of{layers}.mlpackage" for i in range(layers)]
+    assert list(info["chunks"][0]["inputs"]) == ["input_ids", "causal_mask"]
+    assert list(info["chunks"][-1]["outputs"]) == ["logits"] and list(info["chunks"][0]["outputs"]) == ["hidden_out"]
+    for name, interface in zip(info["files"]["int4"], info["chunks"]):
+        _, _, facts = load_checked(chained / "ios" / "coreml" / name, interface)
+        assert facts["problems"] == [] and facts["fused_attention"] == 1
+        assert facts["quantized_weights"].get("constexpr_blockwise_shift_scale(int4)", 0) >= 5  # its big linears
+
+    found = {(a.dir.parent.parent.name, a.variant): a for d in (whole, chained) for a in artifacts_in(d)
+             if a.target == "ios" and a.format == "coreml"}
+    ids = [3, 17, 42, 5, 99, 7, 12, 64, 8, 21, 33]  # past gemma3's 8-token window
+    for variant in ("fp16", "int4"):
+        pair = [found[(side, variant)] for side in ("whole", "chained")]
+        runs = []
+        for artifact in pair + [Artifact("ios", "coreml", variant, a.dir, a.baseline) for a in pair if a.baseline]:
+            runner = open_runner(artifact)
+            logits = [runner.prefill(ids[:8])]
+            logits += [runner.decode(t) for t in ids[8:]]
+            runs.append(np.stack(logits))
+        for one, chain in zip(runs[::2], runs[1::2]):  # whole vs chained; then the baselines, the same way
+            spread = float(np.ptp(one))
+            assert np.abs(one - chain).max() <= 0.01 * spread, (variant, np.abs(one - chain).max(), spread)
+
+
 def test_structure_matches_model_info(tiny_ios):
     from edgepack.runtime.coreml import load_checked, package_of
 

@@ -24,6 +24,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -45,23 +46,100 @@ FILE_NAMES = {"fp16": "model_fp16.mlpackage", "int4": "model_int4.mlpackage", "i
 BLOCK = 32
 
 
-class StatefulDecoder(nn.Module):
-    """The reference decoder with the cache in fp16 buffers that Core ML turns into state, and fp16-safe norms."""
+# Parameters per Core ML program. Above it the model is converted as a chain of packages, a slice of layers each
+# (Apple's own recipe for large models on Core ML: chunked programs), so the converter never holds more than one
+# slice: coremltools holds the traced graph's weights several times over while it converts (measured: a 389M-
+# parameter slice peaks at 6.5 GB, 1.6 GB of it the fp32 slice itself; the whole 494M model at 11.1 GB). The
+# embedding rides in the first package and the head in the last (a tied table is stored in both), so a slice is
+# never smaller than the table plus one layer: where that is larger, it is the slice size.
+CHUNK_PARAMS = 300_000_000
 
-    def __init__(self, model):
+
+def _layer_params(cfg) -> list[int]:
+    """Parameters per transformer layer, the embedding counted with the first and the head with the last."""
+    with torch.device("meta"):
+        from edgepack.model.decoder import Block
+
+        block = sum(p.numel() for p in Block(cfg).parameters())
+    table = cfg.vocab_size * cfg.hidden_size
+    sizes = [block] * cfg.num_layers
+    sizes[0] += table
+    sizes[-1] += table + cfg.hidden_size
+    return sizes
+
+
+def chunk_plan(cfg) -> list[range]:
+    """The layers of each package, in order: one range (the whole model) when it holds CHUNK_PARAMS or fewer,
+    else slices of at most max(CHUNK_PARAMS, the table plus a layer), one layer at least."""
+    sizes = _layer_params(cfg)
+    budget = max(CHUNK_PARAMS, *sizes)
+    plan, start, held = [], 0, 0
+    for i, size in enumerate(sizes):
+        if held and held + size > budget:
+            plan.append(range(start, i))
+            start, held = i, 0
+        held += size
+    return plan + [range(start, cfg.num_layers)]
+
+
+def package_names(variant: str, chunks: int) -> list[str]:
+    """model_fp16.mlpackage, or model_fp16_1of3.mlpackage … model_fp16_3of3.mlpackage for a chained model."""
+    stem = FILE_NAMES[variant].removesuffix(".mlpackage")
+    if chunks == 1:
+        return [FILE_NAMES[variant]]
+    return [f"{stem}_{i + 1}of{chunks}.mlpackage" for i in range(chunks)]
+
+
+class StatefulChunk(nn.Module):
+    """Layers `layers` of the reference decoder with their cache rows in fp16 buffers that Core ML turns into
+    state, and fp16-safe norms. The first slice takes input_ids, the last returns logits; between slices the
+    hidden states [1, T, hidden] pass as fp16 (the precision they have inside one fp16 program). The whole model
+    is one slice holding every layer."""
+
+    def __init__(self, model, layers: range):
         super().__init__()
-        self.model = model
+        self.model, self.layers = model, layers
+        self.first, self.last = layers.start == 0, layers.stop == model.cfg.num_layers
         for module in model.modules():
             if isinstance(module, RMSNorm):
                 module.fp16_safe = True
-        self.register_buffer("k_cache", torch.zeros(model.cache_shape(), dtype=torch.float16))
-        self.register_buffer("v_cache", torch.zeros(model.cache_shape(), dtype=torch.float16))
+        shape = (len(layers), *model.cache_shape()[1:])
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=torch.float16))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=torch.float16))
 
-    def forward(self, input_ids, causal_mask):
+    def forward(self, x, causal_mask):
         end = causal_mask.shape[-1]
-        past = end - input_ids.shape[1]
-        cache = StateCache(self.k_cache, self.v_cache, causal_mask, past, end)
-        return self.model.lm_head(self.model.hidden(input_ids, torch.arange(past, end), cache))
+        past = end - x.shape[1]
+        cache = StateCache(self.k_cache, self.v_cache, causal_mask, past, end, first=self.layers.start)
+        x = self.model.embedding(x) if self.first else x
+        x = self.model.blocks(x, torch.arange(past, end), cache, self.layers)
+        return self.model.lm_head(self.model.norm(x)) if self.last else x
+
+
+def load_chunk(folder, context_length: int, layers: range):
+    """The reference decoder with only `layers`' weights (and the embedding / final norm and head where the slice
+    holds them) read from the checkpoint; the other modules are emptied, so nothing else is held."""
+    from edgepack.model.weights import load_decoder
+
+    from edgepack.model.config import DecoderConfig, read_config
+
+    model_layers = DecoderConfig.from_hf(read_config(folder), context_length).num_layers
+    first, last = layers.start == 0, layers.stop == model_layers
+
+    def keep(name: str) -> bool:
+        if name.startswith("layers."):
+            return int(name.split(".")[1]) in layers
+        return (first and name == "embed.weight") or (last and name in ("norm.weight", "lm_head.weight"))
+
+    model = load_decoder(folder, context_length, keep=keep)
+    for i in range(model_layers):
+        if i not in layers:
+            model.layers[i] = nn.Module()
+    if not first:
+        model.embed = nn.Module()
+    if not last:
+        model.norm, model.lm_head = nn.Module(), nn.Module()
+    return model
 
 
 def _coremltools():
@@ -72,24 +150,46 @@ def _coremltools():
     return coremltools
 
 
-def convert(model):
-    """coremltools: trace the stateful decoder and convert it to an fp16 ML Program for iOS 18."""
+def _fp16_overflow(op) -> bool:
+    """coremltools' FP16ComputePrecision.fp16_overflow (does an fp32 constant input hold a finite value past fp16's
+    65504?), the same answer computed a slice at a time. Written by hand because coremltools 9.0's version takes
+    np.where's index arrays over the whole constant (three int64 arrays of a 3-D view, 24 bytes an element):
+    converting a 151936 × 896 embedding took 4.4 GB more than the table itself (measured; the transformer layers'
+    constants are small enough not to matter)."""
+    for inputs in op.inputs.values():
+        for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+            if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                flat = np.asarray(var.op.val.val).reshape(-1)
+                for start in range(0, flat.size, 1 << 22):
+                    part = np.abs(flat[start:start + (1 << 22)])
+                    if np.max(part[part < 1e38], initial=0.0) > 65504:
+                        return True
+    return False
+
+
+def convert(module: StatefulChunk):
+    """coremltools: trace one slice (or the whole decoder) and convert it to an fp16 ML Program for iOS 18."""
     ct = _coremltools()
 
-    cfg = model.cfg
-    module = StatefulDecoder(model).eval()
-    sample = (torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 5, dtype=torch.float16))
+    cfg = module.model.cfg
+    module = module.eval()
+    x = torch.zeros(1, 2, dtype=torch.int32) if module.first else torch.zeros(1, 2, cfg.hidden_size)
+    sample = (x, torch.zeros(1, 1, 2, 5, dtype=torch.float16))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, sample)
     steps, end = ct.RangeDim(1, cfg.context_length), ct.RangeDim(1, cfg.context_length)
     shape = tuple(module.k_cache.shape)
-    with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()):
+    first = (ct.TensorType(name="input_ids", shape=(1, steps), dtype=np.int32) if module.first else
+             ct.TensorType(name="hidden_in", shape=(1, steps, cfg.hidden_size), dtype=np.float16))
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    with quiet_stderr(), contextlib.redirect_stdout(io.StringIO()), \
+            mock.patch.object(FP16ComputePrecision, "fp16_overflow", staticmethod(_fp16_overflow)):
         mlmodel = ct.convert(
             traced,
-            inputs=[ct.TensorType(name="input_ids", shape=(1, steps), dtype=np.int32),
-                    ct.TensorType(name="causal_mask", shape=(1, 1, steps, end), dtype=np.float16)],
-            outputs=[ct.TensorType(name="logits", dtype=np.float16)],
+            inputs=[first, ct.TensorType(name="causal_mask", shape=(1, 1, steps, end), dtype=np.float16)],
+            outputs=[ct.TensorType(name="logits" if module.last else "hidden_out", dtype=np.float16)],
             states=[ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name="k_cache"),
                     ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name="v_cache")],
             minimum_deployment_target=ct.target.iOS18,
@@ -138,7 +238,7 @@ def save(mlmodel, path: Path) -> Path:
 @register
 class CoreMLExporter(Exporter):
     format = "coreml"
-    version = "2"  # 2: fused scaled_dot_product_attention
+    version = "3"  # 2: fused scaled_dot_product_attention; 3: chained packages above CHUNK_PARAMS
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -148,36 +248,33 @@ class CoreMLExporter(Exporter):
     def notes(cls) -> str:
         return "stateful KV cache (iOS 18), flexible T/E; int4 asymmetric blocks of 32 through OffsetLinear"
 
-    def __init__(self):
-        self._model = None
-        self._converted: dict[bool, object] = {}
-
-    def _mlmodel(self, source: Source, target: TargetSpec, offsets: bool):
-        if self._model is None:
-            from edgepack.model.weights import load_decoder
-
-            logging.getLogger("coremltools").setLevel(logging.ERROR)
-            self._model = load_decoder(source.path, target.context_length)
-        if offsets not in self._converted:
-            self._converted[offsets] = convert(with_offset_linears(self._model) if offsets else self._model)
-        return self._converted[offsets]
-
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
+        """Each package of the variant: the slice's weights read, converted (and quantized), saved and freed before
+        the next, so the peak follows the largest slice, not the model."""
         if variant not in FILE_NAMES:
             raise EdgepackError(f"coreml: unknown variant '{variant}'; valid: {', '.join(FILE_NAMES)}")
-        fp16 = self._mlmodel(source, target, offsets=False)
-        write_json(out / MODEL_INFO, coreml_info(self._model.cfg, eos_ids(source.path), FILE_NAMES))
-        path = out / FOLDER / FILE_NAMES[variant]
-        if variant == "fp16":
-            files = [save(fp16, path)]
-        elif variant == "int8":
-            files = [save(quantize(fp16, "int8"), path)]
-        else:
-            plain = save(quantize(fp16, "int4", plain=True), out / BASELINE_DIR / FOLDER / FILE_NAMES[variant])
-            files = [save(quantize(self._mlmodel(source, target, offsets=True), "int4"), path), plain]
-        return [f for package in files for f in sorted(package.rglob("*")) if f.is_file()]
+        from edgepack.model.config import DecoderConfig, read_config
 
-    def finish(self) -> None:
-        self._model = None
-        self._converted.clear()
-        gc.collect()
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        cfg = DecoderConfig.from_hf(read_config(source.path), target.context_length)
+        plan = chunk_plan(cfg)
+        names = {v: package_names(v, len(plan)) for v in FILE_NAMES}
+        write_json(out / MODEL_INFO, coreml_info(cfg, eos_ids(source.path), names, plan))
+        packages = []
+        for layers, name in zip(plan, names[variant]):
+            model = load_chunk(source.path, target.context_length, layers)
+            path = out / FOLDER / name
+            if variant == "fp16":
+                packages.append(save(convert(StatefulChunk(model, layers)), path))
+            elif variant == "int8":
+                packages.append(save(quantize(convert(StatefulChunk(model, layers)), "int8"), path))
+            else:
+                plain = quantize(convert(StatefulChunk(model, layers)), "int4", plain=True)
+                baseline = save(plain, out / BASELINE_DIR / FOLDER / name)
+                del plain
+                gc.collect()
+                model = with_offset_linears(model, inplace=True)  # each Linear replaced as it is rewritten
+                packages += [save(quantize(convert(StatefulChunk(model, layers)), "int4"), path), baseline]
+            del model
+            gc.collect()
+        return [f for package in packages for f in sorted(package.rglob("*")) if f.is_file()]

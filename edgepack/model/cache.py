@@ -129,9 +129,10 @@ class StateCache:
     Attention is the fused op (fused_attention).
     """
 
-    def __init__(self, k_cache, v_cache, causal_mask, past, end):
+    def __init__(self, k_cache, v_cache, causal_mask, past, end, first: int = 0):
         self.k_cache, self.v_cache = k_cache, v_cache
         self.past, self.end = past, end
+        self.first = first  # the model layer the buffers' row 0 holds (a chunk of layers holds its own rows)
         given = causal_mask[0, 0].float()
         queries = torch.arange(past, end, dtype=torch.int32)
         slots = torch.arange(0, end, dtype=torch.int32)
@@ -139,10 +140,11 @@ class StateCache:
         self.mask = _Masks(lambda window: given if window is None else windowed(window))
 
     def attend(self, layer, q, k, v, window, scale):
-        self.k_cache[layer:layer + 1, :, :, self.past:self.end] = k.half()[None]
-        self.v_cache[layer:layer + 1, :, :, self.past:self.end] = v.half()[None]
-        keys = self.k_cache[layer, :, :, :self.end].float()
-        values = self.v_cache[layer, :, :, :self.end].float()
+        row = layer - self.first
+        self.k_cache[row:row + 1, :, :, self.past:self.end] = k.half()[None]
+        self.v_cache[row:row + 1, :, :, self.past:self.end] = v.half()[None]
+        keys = self.k_cache[row, :, :, :self.end].float()
+        values = self.v_cache[row, :, :, :self.end].float()
         return fused_attention(q, keys, values, self.mask(window), scale)
 
 

@@ -141,18 +141,23 @@ class Decoder(nn.Module):
         factor = 1.0 if local else self.rope_factor
         return angles.cos() * factor, angles.sin() * factor
 
-    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """The final-normed hidden states [1, T, hidden]; the cache strategy stores keys and runs attention."""
+    def embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def blocks(self, x: torch.Tensor, positions: torch.Tensor, cache, layers: range | None = None) -> torch.Tensor:
+        """x [1, T, hidden] through the transformer layers: all, or a slice of them (a Core ML chunk runs one)."""
         ropes = {False: self.rotary(positions)}
         if self.local_inv_freq is not None:
             ropes[True] = self.rotary(positions, local=True)
-        x = self.embed(input_ids)
-        if self.cfg.embed_scale != 1.0:
-            x = x * self.cfg.embed_scale
-        for i, layer in enumerate(self.layers):
+        for i in range(self.cfg.num_layers) if layers is None else layers:
             cos, sin = ropes[self.cfg.local_rope(i)]
-            x = layer(x, cos, sin, cache, i)
-        return self.norm(x)
+            x = self.layers[i](x, cos, sin, cache, i)
+        return x
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """The final-normed hidden states [1, T, hidden]; the cache strategy stores keys and runs attention."""
+        return self.norm(self.blocks(self.embedding(input_ids), positions, cache))
 
     def forward(self, input_ids, positions, k_cache=None, v_cache=None):
         """With k_cache/v_cache given, returns (logits, k_cache, v_cache) and leaves the buffers alone."""

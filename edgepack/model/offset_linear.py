@@ -52,17 +52,21 @@ class OffsetLinear(nn.Module):
         return self.linear(x) + self.offset(sums)
 
 
-def with_offset_linears(model):
-    """A copy of the decoder whose transformer-layer Linears are OffsetLinears (the lm_head is left alone)."""
-    model = copy.deepcopy(model)
+def with_offset_linears(model, inplace: bool = False):
+    """A copy of the decoder whose transformer-layer Linears are OffsetLinears (the lm_head is left alone); inplace:
+    the decoder itself, each Linear freed as it is replaced (for a converter that no longer needs the original)."""
+    model = model if inplace else copy.deepcopy(model)
     # An all-zero row (a padding token's embedding, never trained) gets a per-channel int8 scale of ~0, which
     # XNNPACK refuses ("unsupported scale value"): give such rows a magnitude of 1e-6 (their logit moves by ~1e-6).
     with torch.no_grad():
-        for weight in {id(w): w for w in (model.embed.weight, model.lm_head.weight)}.values():
+        tables = [m.weight for m in (model.embed, model.lm_head) if hasattr(m, "weight")]  # a slice may hold neither
+        for weight in {id(w): w for w in tables}.values():
             dead = weight.abs().amax(-1) < 1e-6
             weight[dead] = 1e-6
     for layer in model.layers:
-        for parent in (layer.attn, layer.mlp):
+        for parent in (getattr(layer, "attn", None), getattr(layer, "mlp", None)):
+            if parent is None:  # a layer outside the slice a converter holds (exporters/coreml.py load_chunk)
+                continue
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, OffsetLinear(child))

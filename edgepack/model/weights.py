@@ -20,25 +20,34 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_hf_weights(folder: Path):
-    """(name, tensor) for every tensor of a folder's safetensors files, one at a time (memory-mapped)."""
+def iter_hf_weights(folder: Path, wanted=None):
+    """(name, tensor) for every tensor of a folder's safetensors files, one at a time (memory-mapped); with
+    wanted(name) false the tensor is not read and None stands in for it."""
     for file in safetensors_files(folder):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    yield name, handle.get_tensor(name) if wanted is None or wanted(name) else None
         except (SafetensorError, OSError) as exc:
             raise EdgepackError(f"{file}: corrupt safetensors file ({exc}); re-save or re-download it") from None
 
 
-def decoder_state(folder: Path, cfg: DecoderConfig, family) -> dict[str, torch.Tensor]:
+def _targets(rule) -> tuple[str, ...]:
+    """The decoder parameters a weight-table rule writes."""
+    return (rule,) if isinstance(rule, str) else getattr(rule, "names", None) or (rule.name,)
+
+
+def decoder_state(folder: Path, cfg: DecoderConfig, family, keep=None) -> dict[str, torch.Tensor]:
     """The reference decoder's parameters from a checkpoint, through the family's weight table (renames, fused
-    tensors split, (1 + w) norms)."""
+    tensors split, (1 + w) norms); with keep(parameter name), only those (the rest are never read)."""
     table = expand(family, cfg.num_layers)
     if cfg.tie_word_embeddings:
         table.pop("lm_head.weight", None)
+    def wanted(name: str) -> bool:
+        return name in table and any(keep(t) for t in _targets(table[name]))
+
     state, seen, unexpected = {}, set(), []
-    for name, tensor in iter_hf_weights(folder):
+    for name, tensor in iter_hf_weights(folder, None if keep is None else wanted):
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         rule = table.get(name)
@@ -46,7 +55,9 @@ def decoder_state(folder: Path, cfg: DecoderConfig, family) -> dict[str, torch.T
             unexpected.append(name)
             continue
         seen.add(name)
-        state.update({rule: tensor} if isinstance(rule, str) else rule.apply(tensor, cfg))
+        if tensor is not None:
+            parts = {rule: tensor} if isinstance(rule, str) else rule.apply(tensor, cfg)
+            state.update({k: v for k, v in parts.items() if keep is None or keep(k)})
     missing = sorted(set(table) - seen)
     if missing or unexpected:
         raise EdgepackError(
@@ -55,20 +66,24 @@ def decoder_state(folder: Path, cfg: DecoderConfig, family) -> dict[str, torch.T
     return state
 
 
-def load_decoder(folder: str | Path, context_length: int | None = None, dtype=torch.float32) -> Decoder:
+def load_decoder(folder: str | Path, context_length: int | None = None, dtype=torch.float32, keep=None) -> Decoder:
     """The reference decoder with a folder's weights, cache capacity context_length (default: the model's).
     dtype None keeps the checkpoint's own (bf16: 2 bytes a parameter): for writers that read the weights one at a
-    time and convert each as they go, not for running the model."""
+    time and convert each as they go, not for running the model. keep(parameter name): load only those, the rest
+    stay on the meta device (no memory), for converters that take the model a slice of layers at a time."""
     folder = Path(folder)
     cfg = DecoderConfig.from_hf(read_config(folder), context_length)
     with torch.device("meta"):
         model = Decoder(cfg)
-    state = decoder_state(folder, cfg, FAMILIES[cfg.family])
+    if keep is not None and cfg.tie_word_embeddings:  # the tied head is the embedding's tensor
+        wanted = keep
+        keep = lambda name: wanted(name) or (name == "embed.weight" and wanted("lm_head.weight"))  # noqa: E731
+    state = decoder_state(folder, cfg, FAMILIES[cfg.family], keep)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=keep is None, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
     model.init_buffers()  # built on the meta device with the module; make them real

@@ -155,35 +155,53 @@ class CoreMLRunner(Runner):
 
     def _load_model(self, artifact: Artifact) -> None:
         self.info = read_model_info(artifact.dir, "ios")
-        self.package = package_of(artifact.files[0])
-        _, program, self.structure = load_checked(self.package, self.info)
+        # one package, or a chain of them (model_info.json "chunks"), each with its own interface and state
+        found = {p.name: p for p in dict.fromkeys(package_of(f) for f in artifact.files)}
+        names = self.info["files"].get(artifact.variant)
+        names = names if isinstance(names, list) else list(found)[:1]
+        interfaces = self.info.get("chunks", [self.info])
+        missing = [n for n in names if n not in found]
+        if missing or len(names) != len(interfaces):
+            raise EdgepackError(f"{artifact.key}: packages {missing or names} are not the {len(interfaces)} that "
+                                f"{MODEL_INFO} lists; re-export the ios target")
+        self.packages = [found[n] for n in names]
+        loaded = [load_checked(p, i) for p, i in zip(self.packages, interfaces)]
+        self.structures = [facts for _, _, facts in loaded]
         self.capacity = self.info["context_length"]
         if core_ml_available():
             ct = import_coremltools()
-            self.model = ct.models.MLModel(str(self.package), compute_units=ct.ComputeUnit.CPU_AND_GPU)
-            self.interpreter = None
+            self.models = [ct.models.MLModel(str(p), compute_units=ct.ComputeUnit.CPU_AND_GPU) for p in self.packages]
+            self.interpreters = None
         else:
             from edgepack.runtime.mil import MILInterpreter
 
-            self.interpreter = MILInterpreter(program)
+            self.interpreters = [MILInterpreter(program) for _, program, _ in loaded]
         self.reset()
 
     def reset(self) -> None:
         self.length = 0
-        if self.interpreter is not None:
-            self.interpreter.reset()
+        if self.interpreters is not None:
+            for interpreter in self.interpreters:
+                interpreter.reset()
         else:
-            self.state = self.model.make_state()
+            self.states = [model.make_state() for model in self.models]
 
     def _step(self, ids: list[int]) -> np.ndarray:
         if self.length + len(ids) > self.capacity:
             raise EdgepackError(f"{self.artifact.key}: {self.length + len(ids)} tokens exceed the context length "
                                 f"{self.capacity} (the state's shape); raise context_length in targets.toml and re-export")
-        inputs = {"input_ids": np.array([ids], np.int32), "causal_mask": causal_mask(self.length, len(ids))}
-        if self.interpreter is not None:
-            logits = self.interpreter.run(inputs)["logits"]
-        else:
-            logits = self.model.predict(inputs, state=self.state)["logits"]
+        mask = causal_mask(self.length, len(ids))
+        x, name = np.array([ids], np.int32), "input_ids"
+        for i in range(len(self.packages)):
+            inputs = {name: x, "causal_mask": mask}
+            if self.interpreters is not None:
+                outputs = self.interpreters[i].run(inputs)
+            else:
+                outputs = self.models[i].predict(inputs, state=self.states[i])
+            if "logits" in outputs:
+                logits = outputs["logits"]
+            else:  # the next package of a chain takes this one's hidden states
+                x, name = np.asarray(outputs["hidden_out"], dtype=np.float16), "hidden_in"
         self.length += len(ids)
         return np.asarray(logits, dtype=np.float32)[0, -1]
 
@@ -195,10 +213,17 @@ class CoreMLRunner(Runner):
         return self._step([int(token)])
 
     def compatibility(self) -> dict[str, str]:
-        weights = ", ".join(f"{n}× {k}" for k, n in self.structure["quantized_weights"].items()) or "fp16 constants"
-        facts = {"spec": f"iOS 18 ML Program, {self.structure['op_types']} op types all in the iOS 18 opset, "
+        counts: dict[str, int] = {}
+        for facts in self.structures:
+            for kind, n in facts["quantized_weights"].items():
+                counts[kind] = counts.get(kind, 0) + n
+        weights = ", ".join(f"{n}× {k}" for k, n in counts.items()) or "fp16 constants"
+        chain = f"a chain of {len(self.packages)} packages, " if len(self.packages) > 1 else ""
+        op_types = max(facts["op_types"] for facts in self.structures)
+        fused = sum(facts["fused_attention"] for facts in self.structures)
+        facts = {"spec": f"iOS 18 ML Program, {chain}{op_types} op types all in the iOS 18 opset, "
                          f"inputs/outputs/states as model_info.json; weights: {weights}",
-                 "attention": f"{self.structure['fused_attention']}× iOS 18 fused scaled_dot_product_attention"}
+                 "attention": f"{fused}× iOS 18 fused scaled_dot_product_attention"}
         if core_ml_available():
             return facts | {"Core ML": "ran on this Mac"}
         return facts | {"Core ML": "not run here (needs macOS); numbers from edgepack's MIL interpreter, fp16 emulated"}
