@@ -33,7 +33,7 @@ from edgepack.errors import EdgepackError
 # at 494M (3.60 in another run), 7.13 GB at Llama-3.2-1B's 1.24B, fit 1.03 + 4.93 × B; a is rounded up to 2.0 so
 # the cap tests/test_scale.py holds the export to (4.5 GB at 494M) keeps a 25 % margin over the measured peaks.
 # ios: its Core ML part is now converted a slice of layers at a time (4.20 GB at 494M, 5.09 GB at 1.24B), but its
-# ExecuTorch .pte still lowers the whole model (pte-fp32: 8.21 GB at 494M), so the ios line stays the wave-1 fit.
+# ExecuTorch .pte still lowers the whole model (pte-fp32: 7.03 GB at 494M), so the ios line stays the wave-1 fit.
 # Validate and bench stay below export.
 # mac: mlx-lm's converter reads the safetensors lazily; its peak was 0.49 GB at 135M (fp32 file) and 1.08 GB at 494M
 # (Qwen2.5-0.5B's config, bf16 file, fp16 variant; q8 0.90, q4 0.78).
