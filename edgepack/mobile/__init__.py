@@ -81,7 +81,9 @@ Add `Resources/` to your app target (the .mlpackage compiles to .mlmodelc at bui
 `Sources/EdgepackLlm.swift`. Needs iOS 18 / macOS 15 (Core ML state for the KV cache).
 
 `model_info.json` names the inputs, outputs and states and their shapes, the context length and the
-end-of-turn ids; the sample reads everything from it. `bundle-manifest.json` lists the sha256 of every file
+end-of-turn ids; the sample reads everything from it. A large model is a chain of packages
+(`model_int4_1of3.mlpackage` …, listed in order under `files`, each one's interface under `chunks`): the sample
+loads them all and passes each one's `hidden_out` to the next as `hidden_in`, each with its own state. `bundle-manifest.json` lists the sha256 of every file
 (`edgepack bundle --verify DIR` re-checks them).
 
 ExecuTorch instead of Core ML: `executorch/model_8da4w.pte` (or `model_fp32.pte`) with `executorch/tokenizer.json`
