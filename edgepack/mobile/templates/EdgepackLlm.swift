@@ -32,15 +32,17 @@ final class EdgepackLlm {
 
     init(variant: String = "int4") throws {
         let infoURL = Bundle.main.url(forResource: "model_info", withExtension: "json")!
-        info = try JSONDecoder().decode(ModelInfo.self, from: Data(contentsOf: infoURL))
+        let decoded = try JSONDecoder().decode(ModelInfo.self, from: Data(contentsOf: infoURL))
         let config = MLModelConfiguration()
         config.computeUnits = .cpuAndGPU  // flexible shapes: the GPU/CPU path
-        models = try info.files[variant]!.names.map { name in
+        let loaded = try decoded.files[variant]!.names.map { name in
             let compiled = (name as NSString).deletingPathExtension  // Xcode compiles X.mlpackage to X.mlmodelc
             return try MLModel(contentsOf: Bundle.main.url(forResource: compiled, withExtension: "mlmodelc")!,
                                configuration: config)
         }
-        states = models.map { $0.makeState() }
+        info = decoded
+        models = loaded
+        states = loaded.map { $0.makeState() }
     }
 
     /// One call: `ids` are the new tokens (the prompt for prefill, one token for decode). Returns the last logits.
