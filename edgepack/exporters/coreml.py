@@ -34,7 +34,7 @@ from edgepack.artifacts import BASELINE_DIR, write_json
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
 from edgepack.model.cache import StateCache
-from edgepack.model.decoder import RMSNorm
+from edgepack.model.decoder import Block, RMSNorm
 from edgepack.model.offset_linear import with_offset_linears
 from edgepack.model_info import MODEL_INFO, coreml_info, eos_ids
 from edgepack.native import modules_missing, quiet_stderr
@@ -58,8 +58,6 @@ CHUNK_PARAMS = 300_000_000
 def _layer_params(cfg) -> list[int]:
     """Parameters per transformer layer, the embedding counted with the first and the head with the last."""
     with torch.device("meta"):
-        from edgepack.model.decoder import Block
-
         block = sum(p.numel() for p in Block(cfg).parameters())
     table = cfg.vocab_size * cfg.hidden_size
     sizes = [block] * cfg.num_layers
@@ -116,23 +114,20 @@ class StatefulChunk(nn.Module):
         return self.model.lm_head(self.model.norm(x)) if self.last else x
 
 
-def load_chunk(folder, context_length: int, layers: range):
+def load_chunk(folder, cfg, layers: range):
     """The reference decoder with only `layers`' weights (and the embedding / final norm and head where the slice
     holds them) read from the checkpoint; the other modules are emptied, so nothing else is held."""
     from edgepack.model.weights import load_decoder
 
-    from edgepack.model.config import DecoderConfig, read_config
-
-    model_layers = DecoderConfig.from_hf(read_config(folder), context_length).num_layers
-    first, last = layers.start == 0, layers.stop == model_layers
+    first, last = layers.start == 0, layers.stop == cfg.num_layers
 
     def keep(name: str) -> bool:
         if name.startswith("layers."):
             return int(name.split(".")[1]) in layers
         return (first and name == "embed.weight") or (last and name in ("norm.weight", "lm_head.weight"))
 
-    model = load_decoder(folder, context_length, keep=keep)
-    for i in range(model_layers):
+    model = load_decoder(folder, cfg.context_length, keep=keep)
+    for i in range(cfg.num_layers):
         if i not in layers:
             model.layers[i] = nn.Module()
     if not first:
@@ -262,7 +257,7 @@ class CoreMLExporter(Exporter):
         write_json(out / MODEL_INFO, coreml_info(cfg, eos_ids(source.path), names, plan))
         packages = []
         for layers, name in zip(plan, names[variant]):
-            model = load_chunk(source.path, target.context_length, layers)
+            model = load_chunk(source.path, cfg, layers)
             path = out / FOLDER / name
             if variant == "fp16":
                 packages.append(save(convert(StatefulChunk(model, layers)), path))

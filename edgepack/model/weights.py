@@ -43,7 +43,8 @@ def decoder_state(folder: Path, cfg: DecoderConfig, family, keep=None) -> dict[s
     table = expand(family, cfg.num_layers)
     if cfg.tie_word_embeddings:
         table.pop("lm_head.weight", None)
-    def wanted(name: str) -> bool:
+
+    def wanted(name: str) -> bool:  # a checkpoint tensor some kept parameter comes from
         return name in table and any(keep(t) for t in _targets(table[name]))
 
     state, seen, unexpected = {}, set(), []
