@@ -368,14 +368,19 @@ def cmd_fleet(args) -> int:
 
 
 def cmd_bench_export(args) -> int:
+    from edgepack.runtime.report import render_export_report
     from edgepack.scale import bench_export, fit, write_rows
 
     args.work.mkdir(parents=True, exist_ok=True)
     rows = bench_export(args.shape, args.target, args.work, log=_console().print)
     path = args.work / "bench-export.json"
-    write_rows(rows, path)
-    for target, (a, b) in fit(rows).items():
+    doc = write_rows(rows, path)
+    lines = fit(doc["rows"])
+    for target, (a, b) in lines.items():
         _console().print(f"{target:>8}: peak ≈ {a:.2f} GB + {b:.2f} GB × billions of parameters")
+    markdown, page = render_export_report(doc, lines)
+    (args.work / "report.md").write_text(markdown, encoding="utf-8")
+    (args.work / "report.html").write_text(page, encoding="utf-8")
     print(path)
     return 0 if all(r["code"] == 0 for r in rows) else 1
 
@@ -454,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", nargs="+", default=list(TARGETS), choices=TARGETS, metavar="T",
                    help="targets (default: all)")
     p.add_argument("--work", type=Path, default=Path("bench-export"), metavar="DIR",
-                   help="models, logs and bench-export.json go here (default: bench-export)")
+                   help="models, logs, bench-export.json (merged across runs), report.md and report.html go here "
+                        "(default: bench-export)")
     p = command("targets", cmd_targets, "show the targets matrix, or write the default one to edit", model=False,
                 out=False)
     p.add_argument("--write", type=Path, metavar="FILE", help="write the default targets.toml to FILE")

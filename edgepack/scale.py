@@ -23,6 +23,9 @@ from edgepack.errors import EdgepackError
 _COMMON = {"rms_norm_eps": 1e-6, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
            "max_position_embeddings": 32768, "torch_dtype": "bfloat16"}
 SHAPES = {  # config.json facts of the published models (NOTES.md); vocab sizes as published (padded where they are)
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152, "rope_theta": 100000.0,
+                     "rms_norm_eps": 1e-5, "max_position_embeddings": 8192},
     "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
                      "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "rope_theta": 1e6},
     "llama-3.2-1b": {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -159,17 +162,22 @@ def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -
     return rows
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
+def write_rows(rows: list[dict], path: Path) -> dict:
+    """Merge rows into path's bench-export.json (a (shape, target) measured again replaces its old row, so one
+    target can be re-run without losing the others) and return the merged document."""
     from datetime import datetime, timezone
 
     import platform
 
     import psutil
 
-    path.write_text(json.dumps({
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": {
-            "cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
-            "platform": platform.platform()}, "rows": rows}, indent=2) + "\n")
+    old = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    fresh = {(r["shape"], r["target"]) for r in rows}
+    doc = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": {
+        "cpus": psutil.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+        "platform": platform.platform()}, "rows": [r for r in old if (r["shape"], r["target"]) not in fresh] + rows}
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
 
 
 def fit(rows: list[dict]) -> dict[str, tuple[float, float]]:

@@ -82,3 +82,32 @@ def test_ios_core_ml_export_of_a_half_billion_model_is_a_chain_within_its_cap(ha
         reference = load_decoder(half_billion, 64)(torch.tensor([ids]), torch.arange(len(ids)))[0, 7:].numpy()
     assert (chained.argmax(-1) == reference.argmax(-1)).all()
     assert np.abs(chained - reference).max() < 0.01 * np.ptp(reference)  # measured 0.0068 of a 5.9 spread
+
+
+def test_bench_export_measures_merges_and_plots(tmp_path):
+    """`edgepack bench-export` end to end on the smallest shape and the quickest target (a real export, measured),
+    then a second measurement of another target merged into the same bench-export.json and report."""
+    import json
+
+    from edgepack.cli import main
+
+    work = tmp_path / "bench"
+    assert main(["bench-export", "--shape", "smollm2-135m", "--target", "mac", "--work", str(work)]) == 0
+    doc = json.loads((work / "bench-export.json").read_text())
+    (row,) = doc["rows"]
+    assert (row["shape"], row["target"], row["code"]) == ("smollm2-135m", "mac", 0)
+    assert 130e6 < row["parameters"] < 140e6 and 0.2e9 < row["peak_rss"] < 4e9 and row["seconds"] > 0
+    assert not (work / "dist" / "smollm2-135m").exists()  # each export is measured from scratch, then removed
+
+    from edgepack.scale import fit, write_rows
+    from edgepack.runtime.report import render_export_report
+
+    again = dict(row, peak_rss=row["peak_rss"] * 2)  # the same cell measured again replaces the old row
+    other = dict(row, target="cpu", seconds=1.0)
+    doc = write_rows([again, other], work / "bench-export.json")
+    assert sorted((r["target"], r["peak_rss"]) for r in doc["rows"]) == sorted(
+        [("mac", again["peak_rss"]), ("cpu", other["peak_rss"])])
+    markdown, page = render_export_report(doc, fit(doc["rows"]))
+    assert markdown.count("| smollm2-135m | 0.13 B |") == 2 and "mac: peak ≈ 0.00 GB + " in markdown
+    assert page.count("<svg") == 2 and "Export peak RSS" in page
+    assert "smollm2-135m" in (work / "report.md").read_text() and "<svg" in (work / "report.html").read_text()

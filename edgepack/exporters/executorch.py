@@ -21,11 +21,16 @@ was made from the same source, context length and exporter version: lowering tak
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import itertools
 import math
 import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
@@ -61,6 +66,11 @@ class LlmProgram(nn.Module):
         if model.cfg.activation == "gelu_pytorch_tanh":
             for layer in model.layers:
                 layer.mlp.act = tanh_gelu
+        if model.lm_head.weight is model.embed.weight:
+            # The same table as a Parameter of its own: ExecuTorch deep-copies a parameter that a delegated node (the
+            # head, XNNPACK) shares with one left outside (the embedding's gather); over the same storage it is two
+            # parameters and no copy (1 GB at Llama-3.2-1B's table; the same logits).
+            model.lm_head.weight = nn.Parameter(model.embed.weight.detach(), requires_grad=False)
         _, _, kv_heads, capacity, head_dim = model.cache_shape()
         self.layers = model.cfg.num_layers
         for i in range(self.layers):
@@ -91,42 +101,102 @@ def quantize_8da4w(model):
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
 
-    model = with_offset_linears(model)
+    model = with_offset_linears(model, inplace=True)  # the caller's freshly loaded model: no second copy
+    # The layers first: their fp32 weights are freed as they are quantized, before the head's copy and its
+    # quantization's fp32 temporaries (each the size of the vocabulary table) are made. Head first, the 1.24B model
+    # peaked at 9.05 GB here.
+    quantize_(model, Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE),
+        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR), filter_fn=lambda _, name: name.endswith(".linear"))
     if model.cfg.tie_word_embeddings:  # the head gets its own (quantized) weight; the embedding stays fp32
         model.lm_head.weight = nn.Parameter(model.embed.weight.detach().clone())
     quantize_(model, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
               filter_fn=lambda _, name: name == "lm_head")
-    quantize_(model, Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE),
-        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR), filter_fn=lambda _, name: name.endswith(".linear"))
     return model
 
 
-def lower(model, path: Path, metadata: dict, max_seq_len: int) -> Path:
-    """torch.export with a dynamic token count, XNNPACK partitioner, ExecuTorch program at path."""
+def lower(build, path: Path, metadata: dict, max_seq_len: int) -> Path:
+    """torch.export with a dynamic token count, XNNPACK partitioner, ExecuTorch program at path. build() makes the
+    model here, so that no caller keeps its weights alive once the exported program holds them."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     with quiet_stderr():  # it imports torchao, which logs the CUDA kernels it cannot load here
         importlib.import_module("executorch.extension.llm.custom_ops.custom_ops")  # registers the llama:: ops
 
-    program = LlmProgram(model).eval()
+    program = LlmProgram(build()).eval()
     steps = torch.export.Dim("tokens", min=1, max=max_seq_len)
     sample = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
     with torch.no_grad(), warnings.catch_warnings():
         # torch's deprecations inside executorch's own ops, and "mutation on a buffer" (the KV cache, meant)
         warnings.simplefilter("ignore")
         exported = torch.export.export(program, sample, dynamic_shapes=({1: steps}, None), strict=False)
-    with quiet_stderr(), warnings.catch_warnings():
+    del program
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pte-spill-", dir=path.parent) as spill, \
+            _named_data_on_disk(Path(spill)), _weights_shared_with_preprocess(), quiet_stderr(), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
+        del exported
         done = edge.to_executorch(ExecutorchBackendConfig(
             passes=[], memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:  # streamed: `done.buffer` joins the whole program into one more copy (+2.5 GB at 494M)
-        done.write_to_file(fh)
+        with open(path, "wb") as fh:  # streamed: `done.buffer` joins the program into one more copy (+2.5 GB at 494M)
+            done.write_to_file(fh)
+        del done, edge  # their file-backed blobs go before the folder does
     return path
+
+
+@contextmanager
+def _weights_shared_with_preprocess():
+    """ExecuTorch deep-copies every partition's program before its backend preprocesses it, all partitions at once
+    ("in case backends change graph inside preprocess"; BackendDetails.copy_exported_program_for_preprocess, a hook
+    meant to be overridden): with the weights, one more copy of the model. XNNPACK's preprocess reads the weights into
+    its blobs and writes none of them, so this copy keeps the graphs apart and shares the tensors. Measured on the
+    494M model's pte-fp32: the same file, byte for byte.
+
+    Only a tensor that is all of its storage is shared. XNNPACK serializes a weight from its storage's first byte
+    (`untyped_storage().data_ptr()`, the storage offset ignored), so a view such as Phi-3's q / k / v rows of the
+    fused qkv_proj must still be copied (a Parameter's deepcopy is a compact clone) or it serializes the wrong rows:
+    the tiny phi3's logits were off by 8 when it was shared."""
+    import copy
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    def whole(t) -> bool:
+        return (isinstance(t, torch.Tensor) and t.storage_offset() == 0
+                and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+    def graph_copy(cls, program, compile_specs):
+        tensors = [*program.state_dict.values(), *program.constants.values()]
+        return copy.deepcopy(program, {id(t): t for t in tensors if whole(t)})
+
+    with mock.patch.object(XnnpackBackend, "copy_exported_program_for_preprocess", classmethod(graph_copy)):
+        yield
+
+
+@contextmanager
+def _named_data_on_disk(folder: Path):
+    """Each blob a delegate adds to ExecuTorch's NamedDataStore goes to a file under folder, as ExecuTorch's own
+    FileBackedData, which the serializer copies to the .pte in chunks. XNNPACK's lowering adds every weight as
+    bytes (`bytes(array)` in its node visitor, ExecuTorch 1.5) and the store holds them until the program is
+    written: one more copy of the model in memory. No option of ExecuTorch's does this, hence the patch, for the
+    duration of one lowering. Measured on the 494M model's pte-fp32: peak 7.03 → 5.60 GB, the file byte-identical."""
+    from executorch.exir._serialize._cord import FileBackedData
+    from executorch.exir._serialize._named_data_store import NamedDataStore
+
+    add, count = NamedDataStore.add_named_data, itertools.count()
+
+    def add_on_disk(self, key, data, alignment=1, external_tag=None, tensor_layout=None):
+        if isinstance(data, bytes):
+            blob = folder / f"{next(count)}.bin"
+            blob.write_bytes(data)
+            data = FileBackedData(str(blob), cleanup=True, sha256=hashlib.sha256(data).digest())
+        return add(self, key, data, alignment, external_tag, tensor_layout)
+
+    with mock.patch.object(NamedDataStore, "add_named_data", add_on_disk):
+        yield
 
 
 def metadata(cfg, eos: list[int], bos: int | None, max_seq_len: int) -> dict:
@@ -169,11 +239,12 @@ class ExecuTorchExporter(Exporter):
         write_json(out / FOLDER / MODEL_INFO, executorch_info(cfg, MAX_SEQ_LEN, eos, FILE_NAMES))
         if _link_sibling(source, variant, out, target, path):
             return [path]
-        model = load_decoder(source.path, target.context_length)
-        if variant == "pte-8da4w":
-            model = quantize_8da4w(model)
+        def build():
+            model = load_decoder(source.path, target.context_length)
+            return quantize_8da4w(model) if variant == "pte-8da4w" else model
+
         bos = config.get("bos_token_id")
-        return [lower(model, path, metadata(cfg, eos, bos if isinstance(bos, int) else None, MAX_SEQ_LEN), MAX_SEQ_LEN)]
+        return [lower(build, path, metadata(cfg, eos, bos if isinstance(bos, int) else None, MAX_SEQ_LEN), MAX_SEQ_LEN)]
 
 
 def _link_sibling(source: Source, variant: str, out: Path, target: TargetSpec, path: Path) -> bool:

@@ -261,3 +261,65 @@ def write_reports(model_folder: Path) -> str:
     (Path(model_folder) / "report.md").write_text(markdown, encoding="utf-8")
     (Path(model_folder) / "report.html").write_text(render_html(report), encoding="utf-8")
     return markdown
+
+
+EXPORT_COLUMNS = ("shape", "parameters", "target", "export", "peak RSS", "per billion parameters")
+
+
+def _export_cells(row: dict) -> list[str]:
+    billions = row["parameters"] / 1e9
+    ok = row["code"] == 0
+    failed = "killed at the cap" if row.get("capped") else f"FAILED ({row.get('last_line', '')[:80]})"
+    return [row["shape"], f"{billions:.2f} B", row["target"], f"{row['seconds']:.0f} s" if ok else failed,
+            f"{row['peak_rss'] / 1e9:.2f} GB" + ("" if ok else " (at the end)"),
+            f"{row['peak_rss'] / 1e9 / billions:.1f} GB" if ok else "—"]
+
+
+def render_export_report(doc: dict, lines_fit: dict[str, tuple[float, float]]) -> tuple[str, str]:
+    """bench-export.json as report.md and report.html: seconds and peak RSS per shape and target, the fit
+    peak ≈ a + b × parameters per target, and (html) both against parameters, one line per target."""
+    rows = sorted(doc["rows"], key=lambda r: (r["target"], r["parameters"]))
+    machine = doc.get("machine", {})
+    where = (f"{machine.get('cpus', '?')} cores, {machine.get('memory_gb', '?')} GB, {doc.get('date', '?')}; "
+             "random weights with the published configs (edgepack bench-export)")
+    fits = [f"{t}: peak ≈ {a:.2f} GB + {b:.2f} GB × billions of parameters" for t, (a, b) in lines_fit.items()]
+    md = ["# edgepack export: memory and time by model size", "", where, "",
+          "| " + " | ".join(EXPORT_COLUMNS) + " |", "|" + "---|" * len(EXPORT_COLUMNS)]
+    md += ["| " + " | ".join(_export_cells(r)) + " |" for r in rows]
+    md += ["", *[f"- {line}" for line in fits]]
+    body = (f"<p>{html.escape(where)}</p>{_html_table(EXPORT_COLUMNS, [_export_cells(r) for r in rows])}"
+            f"<ul>{''.join(f'<li>{html.escape(line)}</li>' for line in fits)}</ul>"
+            + "".join(f"<figure>{svg}</figure>" for svg in _export_plots(rows, lines_fit)))
+    title = "edgepack export: memory and time by model size"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+            "body{font-family:system-ui,sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}figure{display:inline-block;margin:1em}"
+            f"</style></head><body><h1>{title}</h1>{body}</body></html>\n")
+    return "\n".join(md) + "\n", page
+
+
+def _export_plots(rows: list[dict], lines_fit: dict[str, tuple[float, float]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    plots = []
+    for key, scale, label in (("peak_rss", 1e9, "peak RSS (GB)"), ("seconds", 60, "export time (min)")):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for target in dict.fromkeys(r["target"] for r in rows):
+            points = [(r["parameters"] / 1e9, r[key] / scale) for r in rows if r["target"] == target and r["code"] == 0]
+            if not points:
+                continue
+            line, = ax.plot(*zip(*points), marker="o", label=target)
+            if key == "peak_rss" and target in lines_fit:
+                a, b = lines_fit[target]
+                xs = [0, max(x for x, _ in points)]
+                ax.plot(xs, [a + b * x for x in xs], ls=":", color=line.get_color())
+        ax.set(xlabel="parameters (billions)", ylabel=label,
+               title="Export peak RSS (dotted: the fit)" if key == "peak_rss" else "Export time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        plots.append(svg_figure(fig))
+        plt.close(fig)
+    return plots
