@@ -138,7 +138,7 @@ class LitertLmExporter(tflite.TfliteExporter):
     """The tflite exporter's conversions (made once, plain and OffsetLinear) with LiteRT-LM's signatures."""
 
     format = "litertlm"
-    version = "1"
+    version = "2"  # 2: litert-torch's lightweight conversion (tflite.convert_signatures)
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -113,7 +113,10 @@ def convert_signatures(signatures, path: Path) -> Path:
     for name, module, sample in signatures:
         converter = converter.signature(name, module, sample_kwargs=sample)
     with torch.inference_mode(), quiet_stderr():  # the MLIR converter logs every pass to fd 2
-        edge = converter.convert()
+        # lightweight_conversion: litert-torch's own large-model mode (constants handled lazily, then folded by the
+        # LiteRT runtime). Measured on the 494M model's fp32 .tflite: peak RSS 7.53 → 3.45 GB, 212 → 107 s, and the
+        # same logits (max|Δ| 0.0 over a 55-token prefill and two decode steps; the tiny 2-layer shape too).
+        edge = converter.convert(lightweight_conversion=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         edge.export(str(path))
     return path
@@ -173,7 +176,7 @@ def quantize(src: Path, quant_recipe, dest: Path) -> Path:
 @register
 class TfliteExporter(Exporter):
     format = "tflite"
-    version = "2"  # 2: decode_<S> signatures
+    version = "3"  # 2: decode_<S> signatures; 3: litert-torch's lightweight conversion
 
     @classmethod
     def unavailable(cls) -> str | None:
