@@ -103,6 +103,8 @@ def with_browser_kernels(artifact, folder: Path):
     shutil.copytree(artifact.dir, folder, ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data"), dirs_exist_ok=True)
     files = []
     for path in artifact.files:
+        if path.suffix != ".onnx":  # its external data (model*.onnx_data) is loaded with it and written with it
+            continue
         model = onnx.load(str(path))
         for node in model.graph.node:
             for attr in node.attribute:
@@ -110,7 +112,12 @@ def with_browser_kernels(artifact, folder: Path):
                     attr.i = 0
         files.append(folder / path.relative_to(artifact.dir))
         files[-1].parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(files[-1]))
+        data = path.with_name(path.name + "_data")
+        if data in artifact.files:
+            onnx.save(model, str(files[-1]), save_as_external_data=True, location=data.name)
+            files.append(files[-1].with_name(data.name))
+        else:
+            onnx.save(model, str(files[-1]))
     return dataclasses.replace(artifact, dir=folder, files=tuple(files))
 
 

@@ -4,6 +4,7 @@ on WebGPU (SwiftShader), wllama on WASM; every token sequence is checked against
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import subprocess
 import sys
 import urllib.request
@@ -210,6 +211,51 @@ def test_transformers_js_generates_the_python_runners_tokens(tiny_web, device, d
     ids = runner.encode(prompt)
     assert result["prompt"] == ids
     print(f"\ntransformers.js {dtype} on {device}: {assert_same_greedy(runner, ids, result['generated'])}")
+
+
+@pytest.fixture(scope="module")
+def tiny_web_external(tiny_models, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny Llama's fp32 exported as a graph over protobuf's 2 GB limit is (PROTOBUF_LIMIT lowered in the
+    export's own process): model.onnx with model.onnx_data beside it, and config.json naming it for transformers.js."""
+    out = tmp_path_factory.mktemp("tiny-external")
+    code = ("import sys; from edgepack.exporters import onnx_web; onnx_web.PROTOBUF_LIMIT = 10_000; "
+            "from edgepack.cli import main; sys.exit(main(sys.argv[1:]))")
+    exported = subprocess.run([sys.executable, "-c", code, "export", "--model", str(tiny_models["llama"]), "--target",
+                               "web", "--variant", "fp32", "--out", str(out)], capture_output=True, text=True,
+                              timeout=600)
+    assert exported.returncode == 0, exported.stderr
+    (slug,) = [p.name for p in out.iterdir() if p.is_dir()]
+    return out, slug
+
+
+@pytest.mark.parametrize("reader", ["transformers.js", "page"])
+def test_a_graph_with_external_data_loads_on_webgpu(tiny_web_external, reader, tmp_path):
+    """A 1B model's fp32 / fp16 graphs keep their weights in model*.onnx_data (over 2 GB): stock transformers.js
+    (told by config.json's transformers.js_config) and the page (told by the manifest) both fetch the data file, on
+    WebGPU, and generate the Python runner's tokens."""
+    dist, slug = tiny_web_external
+    fp32 = artifact(dist, slug, "web", "fp32")
+    assert [f.name for f in fp32.files] == ["model.onnx", "model.onnx_data"]
+    config = json.loads((dist / slug / "web" / "config.json").read_text())
+    assert config["transformers.js_config"]["use_external_data_format"] == {"model.onnx": 1}
+    prompt = "Tell me about the sea."
+    with Browser(webgpu=True) as browser, serve(dist) as url:
+        if reader == "page":
+            state = browser.chat(url, model=slug, engine="webgpu", variant="fp32", prompt=prompt, n=32,
+                                 temperature=0, ids=1)
+            assert state["loaded"]["engine"] == "webgpu"
+            generated = state["done"]["ids"]
+        else:
+            page = browser.new_page()
+            query = urlencode({"model": f"{slug}/web", "dtype": "fp32", "device": "webgpu", "prompt": prompt, "n": 32})
+            page.goto(f"{url}/static/transformersjs-check.html?{query}")
+            page.wait_for_function("window.edgepackResult !== undefined", timeout=300_000)
+            result = page.evaluate("window.edgepackResult")
+            assert "error" not in result, result.get("error")
+            generated = result["generated"]
+    runner = open_runner(with_browser_kernels(fp32, tmp_path / "kernels"))
+    print(f"\nfp32 with external data, {reader} on WebGPU: "
+          f"{assert_same_greedy(runner, runner.encode(prompt), generated)}")
 
 
 def test_the_page_picks_int8_on_wasm_when_q4dq_would_not_fit(tiny_web, tmp_path):

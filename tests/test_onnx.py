@@ -353,7 +353,7 @@ def test_int8_keeps_a_byte_a_weight_and_reads_its_embedding_back(tiny_models, tm
     assert "MatMulNBits" not in ops
     fixed = ("cos_cache", "sin_cache", "local_cos_cache", "local_sin_cache", "hadamard_")  # not a model's weights
     big = [t for t in proto.graph.initializer if np.prod(t.dims) >= cfg.hidden_size * 16 and not t.name.startswith(fixed)]
-    assert all(t.data_type == onnx.TensorProto.INT8 for t in big), [(t.name, t.data_type) for t in big]
+    assert all(t.data_type == onnx.TensorProto.UINT8 for t in big), [(t.name, t.data_type) for t in big]
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     weights = sum(len(t.raw_data) for t in proto.graph.initializer if not t.name.startswith(fixed))
     assert weights < 1.1 * parameters + 20_000, (weights, parameters)

@@ -81,6 +81,8 @@ def export_target(
                 "edgepack": __version__, "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             })
             log(f"{target.name}: {fmt} {variant} written in {seconds:.1f} s")
+        for exporter in exporters.values():
+            exporter.complete(tmp)
         listed = {f["path"] for a in artifacts for f in a["files"] + a["baseline_files"]}
         shared = sorted(p for p in tmp.rglob("*") if p.is_file() and p.relative_to(tmp).as_posix() not in listed)
         write_json(tmp / MANIFEST, {

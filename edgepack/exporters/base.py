@@ -53,5 +53,9 @@ class Exporter:
         """Write one variant under out; return the files written."""
         raise NotImplementedError
 
+    def complete(self, out: Path) -> None:
+        """Shared files that depend on every variant in the folder, exported now or kept from before (called once
+        they are all there, before the manifest is written)."""
+
     def finish(self) -> None:
         """Remove whatever the exporter kept between variants (called once, after the last, even on failure)."""

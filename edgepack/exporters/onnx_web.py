@@ -19,12 +19,14 @@ The graph comes from onnx_graph.py (fused GroupQueryAttention + SkipSimplifiedLa
 quantization is onnxruntime's own. Memory is bounded by the largest tensor, not the model: the source stays in its
 own dtype (bf16: 2 bytes a parameter), and each weight is converted, quantized by onnxruntime's node quantizer and
 written to disk before the next is touched (write_graph, LinearQuantizer). A graph over protobuf's 2 GB limit keeps
-its weights in model*.onnx_data beside it, which transformers.js loads with use_external_data_format.
+its weights in model*.onnx_data beside it; config.json's transformers.js_config names those files
+(use_external_data_format), so stock transformers.js fetches the data too, and so does the page.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from pathlib import Path
 
@@ -409,8 +411,8 @@ def hadamard(k: int, largest: int = 256) -> np.ndarray:
 
 
 class SmoothInt8:
-    """int8 (transformers.js' model_int8.onnx): every linear as onnxruntime's DynamicQuantizeMatMul, int8 weights
-    per output channel and the input quantized to 8 bits per tensor at run time, the int8 GEMM kernels (MLAS QGEMM)
+    """int8 (transformers.js' model_int8.onnx): every linear as onnxruntime's DynamicQuantizeMatMul, 8-bit weights
+    per output channel (symmetric, stored as uint8 around a zero point of 128) and the input quantized to 8 bits per tensor at run time, the int8 GEMM kernels (MLAS QGEMM)
     that onnxruntime-web's WASM build runs with SIMD; one byte a weight in the browser's memory.
 
     Plain int8 loses to the activations' outlier channels: top-1 0.805 / KL 0.104 on the default model
@@ -498,9 +500,16 @@ class SmoothInt8:
             q[i:i + rows] = np.clip(np.rint(w / step[:, None]), -127, 127)
             scale[i:i + rows] = step
         rotated, nodes, tensors = self._input(x, key, s, k, float_type)
-        tensors += [numpy_helper.from_array(np.ascontiguousarray(q.T), weight_name + "_int8"),
-                    numpy_helper.from_array(scale.astype(float_type), weight_name + "_scale")]
-        nodes.append(helper.make_node("DynamicQuantizeMatMul", [rotated, weight_name + "_int8", weight_name + "_scale"],
+        # stored as uint8 with zero point 128 (the same values): with signed weights, MLAS on x86 without VNNI (AVX2)
+        # runs u8 x s8 through vpmaddubsw, whose pairwise int16 sums saturate (measured on an AVX2-only EPYC: a tiny
+        # model's greedy tokens left the exact result at the first one, 3.3 logits off); u8 x u8 widens to 16 bits
+        # first there, and every other kernel (VNNI, WASM) is exact either way
+        tensors += [numpy_helper.from_array(np.ascontiguousarray((q.T.astype(np.int16) + 128).astype(np.uint8)),
+                                            weight_name + "_int8"),
+                    numpy_helper.from_array(scale.astype(float_type), weight_name + "_scale"),
+                    numpy_helper.from_array(np.full(n, 128, np.uint8), weight_name + "_zero")]
+        nodes.append(helper.make_node("DynamicQuantizeMatMul", [rotated, weight_name + "_int8", weight_name + "_scale",
+                                                                weight_name + "_zero"],
                                       [output], name=node_name + "_int8", domain="com.microsoft"))
         return nodes, tensors
 
@@ -517,11 +526,13 @@ class SmoothInt8:
         node = helper.make_node
         nodes = [node("Gather", [weight_name + "_int8", "input_ids"], [f"{e}/q"], axis=1, name=f"{e}/q"),
                  node("Transpose", [f"{e}/q"], [f"{e}/q_t"], perm=[1, 2, 0], name=f"{e}/q_t"),
-                 node("Cast", [f"{e}/q_t"], [f"{e}/q_f"], to=elem, name=f"{e}/Cast"),
+                 node("Cast", [f"{e}/q_t"], [f"{e}/q_u"], to=elem, name=f"{e}/Cast"),
+                 node("Sub", [f"{e}/q_u", f"{e}/zero"], [f"{e}/q_f"], name=f"{e}/Sub"),  # the zero point, 128
                  node("Gather", [weight_name + "_scale", "input_ids"], [f"{e}/row_scale"], name=f"{e}/row_scale"),
                  node("Unsqueeze", [f"{e}/row_scale", f"{e}/last_axis"], [f"{e}/row_scale_u"], name=f"{e}/row_scale_u"),
                  node("Mul", [f"{e}/q_f", f"{e}/row_scale_u"], [f"{e}/rotated"], name=f"{e}/Mul")]
-        tensors = [numpy_helper.from_array(np.array([-1], np.int64), f"{e}/last_axis")]
+        tensors = [numpy_helper.from_array(np.array([-1], np.int64), f"{e}/last_axis"),
+                   numpy_helper.from_array(np.array(128, float_type), f"{e}/zero")]
         rotated, more_nodes, more_tensors = self._input(f"{e}/rotated", f"{e}/unrotate", None, hidden, float_type)
         nodes += more_nodes
         tensors += more_tensors
@@ -536,7 +547,7 @@ class SmoothInt8:
 @register
 class OnnxWebExporter(Exporter):
     format = "onnx"
-    version = "1"
+    version = "2"  # 2: int8's weights as uint8 around 128 (exact on AVX2 without VNNI)
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -558,6 +569,16 @@ class OnnxWebExporter(Exporter):
 
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
         return write_variant(self._decoder(source, target), variant, out, source.path)
+
+    def complete(self, out: Path) -> None:
+        """config.json tells transformers.js which graphs keep their weights in model*.onnx_data (it fetches that
+        file only when told: `transformers.js_config.use_external_data_format`, per file name, in chunks)."""
+        external = {p.name[:-len("_data")]: 1 for p in sorted((out / "onnx").glob("*.onnx_data"))}
+        if external:
+            path = out / "config.json"
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config.setdefault("transformers.js_config", {})["use_external_data_format"] = external
+            path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     def finish(self) -> None:
         self._model = None
@@ -595,6 +616,9 @@ def write_variant(model, variant: str, out: Path, folder: Path | None = None) ->
         if folder is None:
             raise EdgepackError("onnx: int8 needs the source folder (its tokenizer, for calibration)")
         quantizer = SmoothInt8(model, input_maxima(model, calibration_chunks(folder)))
+        # One file for now, although with its weights in model_int8.onnx_data the page's WASM heap after load is
+        # 168 MB instead of 366 (137 MB of files): the page then answered the default model's France prompt unlike
+        # the one file does (measured 2026-12-03, with the signed weights of before; not explained yet).
         return write_graph(model, path, untie_lm_head=True, embed="8bit", linear_hook=quantizer)
     if variant == "q4dq":
         return write_graph(model, path, untie_lm_head=True, embed="fp16", linear_hook=q4_quantizer(dequantize=True))

@@ -114,6 +114,7 @@ class OnnxRuntimeRunner(Runner):
         for node in model.graph.node:
             for name in node.input:
                 readers.setdefault(name, set()).add(node.op_type)
-        gathered = sum(len(t.raw_data) for t in model.graph.initializer if readers.get(t.name) == {"Gather"}
+        size = lambda t: next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))  # noqa: E731
+        gathered = sum(size(t) for t in model.graph.initializer if readers.get(t.name) == {"Gather"}
                        and len(t.dims) == 2 and t.dims[0] > 1024)
         return self.artifact.bytes - gathered

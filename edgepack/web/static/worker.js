@@ -134,7 +134,7 @@ function pick(logits, temperature, topP, random) {
 
 // ---- onnxruntime-web ---------------------------------------------------------------------------------------
 class OrtEngine {
-  async load({ base, file, device }) {
+  async load({ base, file, data, device }) {
     const [tokenizerJson, tokenizerConfig, config, generation] = await Promise.all([
       json(`${base}/tokenizer.json`), json(`${base}/tokenizer_config.json`), json(`${base}/config.json`),
       json(`${base}/generation_config.json`).catch(() => ({})),
@@ -155,6 +155,9 @@ class OrtEngine {
     // disable_quant_qdq lets onnxruntime fold DequantizeLinear on weights: q4dq's 4-bit weights become fp32 at load.
     const options = { executionProviders: [device], graphOptimizationLevel: "all",
                       extra: { session: { disable_quant_qdq: "1" } } };
+    // A graph with its weights in model*.onnx_data beside it (over protobuf's 2 GB, or int8): the data file is handed
+    // over by the name the graph's tensors give as their location, and onnxruntime-web reads each tensor from it.
+    if (data) options.externalData = [{ path: data.split("/").pop(), data: await download(`${base}/${data}`, data) }];
     if (device === "webgpu") {
       // The cache stays on the GPU between steps; only the logits come back.
       options.preferredOutputLocation = {};
@@ -279,7 +282,7 @@ async function load(request) {
     await engine.load({ url: request.url });
   } else {
     engine = new OrtEngine();
-    await engine.load({ base: request.base, file: request.file, device: request.engine });
+    await engine.load({ base: request.base, file: request.file, data: request.data, device: request.engine });
   }
   engine.kind = request.engine;
   post("loaded", { seconds: (now() - start) / 1000, engine: request.engine, device: engine.device,
