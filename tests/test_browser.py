@@ -93,24 +93,24 @@ def test_the_page_generates_the_python_runners_tokens(dist, default_source, wasm
     print(f"\n{variant} on {engine}, {prompt!r}: {assert_same_greedy(runner, ids, state['done']['ids'])}")
 
 
-def test_int8_on_wasm_answers_within_the_pages_heap_estimate(dist, default_source, wasm_browser):
-    """The default model's int8 in the page: it answers, and its heap after load is within the page's estimate
-    (3.2x the file), far under q4dq's. (Not asked for "Paris": this 135M model's quantized variants, native
-    onnxruntime's int8 and q4 included, answer this prompt in French.) Not compared token for token with native onnxruntime: the activations are
-    quantized at run time, so a last-bit difference between the two builds' float ops before a quantizer (the
-    smoothing Mul, the rotation MatMul) can move an activation across a rounding step: the likely cause, not
-    isolated, of what was measured (equal for 6 tokens, then a 0.34-logit difference). On the tiny model the page's
-    int8 equals the runner token for token (test_the_page_picks_int8_on_wasm_when_q4dq_would_not_fit)."""
+def test_int8_on_wasm_answers_what_onnxruntime_answers_in_a_compact_heap(dist, default_source, wasm_browser):
+    """The default model's int8 in the page: the Python runner's tokens (both compute the int8 products exactly: the
+    weights are uint8 around 128, which x86 without VNNI multiplies without saturating), and a heap after load of at
+    most 1.5x its files (the weights are read from model_int8.onnx_data, so the heap holds them once), far under
+    q4dq's."""
     with serve(dist) as url:
         state = wasm_browser.chat(url, model=default_source.slug, engine="wasm", variant="int8", prompt=FRANCE, n=32,
-                                  temperature=0)
+                                  temperature=0, ids=1)
     found = artifact(dist, default_source.slug, "web", "int8")
     q4dq = artifact(dist, default_source.slug, "web", "q4dq")
     heap = state["loaded"]["heapBytes"]
-    assert state["done"]["count"] == 32 and state["done"]["text"].strip(), state["done"]
-    assert found.bytes < heap <= 3.2 * found.bytes and found.bytes < q4dq.bytes, (heap, found.bytes)
-    print(f"\nint8 on WASM: heap {heap / 1e6:.0f} MB for a {found.bytes / 1e6:.0f} MB file; "
-          f"{state['done']['decodeTps']:.1f} tok/s; {state['done']['text']!r}")
+    assert "Paris" in state["done"]["text"], state["done"]
+    # the issue's bar: at most 1.5x the files (weights in model_int8.onnx_data: measured 1.32x; as one file 2.7x)
+    assert found.bytes < heap <= 1.5 * found.bytes and found.bytes < q4dq.bytes, (heap, found.bytes)
+    runner = open_runner(found)
+    print(f"\nint8 on WASM: heap {heap / 1e6:.0f} MB for {found.bytes / 1e6:.0f} MB of files; "
+          f"{state['done']['decodeTps']:.1f} tok/s; {state['done']['text']!r}; "
+          f"{assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'])}")
 
 
 def test_the_default_choice_answers_and_shows_its_figures(dist, default_source, wasm_browser):
@@ -264,7 +264,8 @@ def test_the_page_picks_int8_on_wasm_when_q4dq_would_not_fit(tiny_web, tmp_path)
     answers on the same file."""
     dist, slug = tiny_web
     int8 = artifact(dist, slug, "web", "int8")
-    budget_mb = 3.3 * int8.bytes / 2**20  # the page's estimate for int8 is 3.2x its file
+    assert int8.files[1].name == "model_int8.onnx_data"
+    budget_mb = 1.5 * int8.bytes / 2**20  # the page's estimate for int8 (weights in model_int8.onnx_data) is 1.4x
     prompt = "Tell me about the sea."
     with Browser(webgpu=False) as browser, serve(dist) as url:
         state = browser.chat(url, model=slug, engine="wasm", wasmBudget=f"{budget_mb:.3f}", prompt=prompt, n=32,

@@ -345,7 +345,8 @@ def test_int8_keeps_a_byte_a_weight_and_reads_its_embedding_back(tiny_models, tm
     from edgepack.model.weights import load_decoder
 
     model = load_decoder(tiny_models[kind], 2048, dtype=None)
-    (path,) = onnx_web.write_variant(model, "int8", tmp_path, tiny_models[kind])
+    path, data = onnx_web.write_variant(model, "int8", tmp_path, tiny_models[kind])
+    assert data.name == "model_int8.onnx_data" and path.stat().st_size < data.stat().st_size  # weights beside it
     proto = onnx.load(str(path))
     cfg = model.cfg
     ops = [n.op_type for n in proto.graph.node]

@@ -12,15 +12,16 @@
                                    expands to fp32 at load, for WASM (whose MatMulNBits has no fast kernel)
     web/onnx/model_int8.onnx       int8 weights per channel, smoothed and rotated (SmoothInt8), int8 activations per
                                    tensor: one byte a weight in the browser's memory, for WASM when q4dq's fp32
-                                   expansion does not fit
+                                   expansion does not fit; its weights in model_int8.onnx_data (the WASM heap
+                                   then holds them once)
     web/baseline/onnx/model_q4*.onnx   plain round-to-nearest q4, which validate measures beside ours
 
 The graph comes from onnx_graph.py (fused GroupQueryAttention + SkipSimplifiedLayerNormalization); all
 quantization is onnxruntime's own. Memory is bounded by the largest tensor, not the model: the source stays in its
 own dtype (bf16: 2 bytes a parameter), and each weight is converted, quantized by onnxruntime's node quantizer and
 written to disk before the next is touched (write_graph, LinearQuantizer). A graph over protobuf's 2 GB limit keeps
-its weights in model*.onnx_data beside it; config.json's transformers.js_config names those files
-(use_external_data_format), so stock transformers.js fetches the data too, and so does the page.
+its weights in model*.onnx_data beside it, as int8 always does; config.json's transformers.js_config names those
+files (use_external_data_format), so stock transformers.js fetches the data too, and so does the page.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ LM_HEAD = "lm_head/MatMul"  # the node name onnx_graph gives an untied head
 HEADS = (LM_HEAD, "model.embed_tokens/MatMul")  # and an untied embedding it quantizes like the head (embed="8bit")
 
 
-def write_graph(model, path: Path, float_type=np.float32, **build) -> list[Path]:
+def write_graph(model, path: Path, float_type=np.float32, inline: bool = True, **build) -> list[Path]:
     """Build the decoder graph with its initializers streamed to path's external data file as they are made, then
     save it. A model under protobuf's 2 GB limit becomes one file (what transformers.js loads by default), copied
-    from the data file tensor by tensor; a larger one keeps model*.onnx_data beside it."""
+    from the data file tensor by tensor, unless inline is False; a larger one keeps model*.onnx_data beside it."""
     import onnx
 
     from edgepack.exporters.onnx_graph import ExternalData, build_decoder_graph
@@ -63,7 +64,7 @@ def write_graph(model, path: Path, float_type=np.float32, **build) -> list[Path]
         proto = build_decoder_graph(model, float_type, store=store, **build)
     finally:
         store.close()
-    if store.size < PROTOBUF_LIMIT:
+    if inline and store.size < PROTOBUF_LIMIT:
         save_inline(proto, path, data)
         data.unlink()
         return [path]
@@ -547,7 +548,7 @@ class SmoothInt8:
 @register
 class OnnxWebExporter(Exporter):
     format = "onnx"
-    version = "2"  # 2: int8's weights as uint8 around 128 (exact on AVX2 without VNNI)
+    version = "2"  # 2: int8's weights as uint8 around 128 (exact on AVX2 without VNNI), in model_int8.onnx_data
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -616,10 +617,11 @@ def write_variant(model, variant: str, out: Path, folder: Path | None = None) ->
         if folder is None:
             raise EdgepackError("onnx: int8 needs the source folder (its tokenizer, for calibration)")
         quantizer = SmoothInt8(model, input_maxima(model, calibration_chunks(folder)))
-        # One file for now, although with its weights in model_int8.onnx_data the page's WASM heap after load is
-        # 168 MB instead of 366 (137 MB of files): the page then answered the default model's France prompt unlike
-        # the one file does (measured 2026-12-03, with the signed weights of before; not explained yet).
-        return write_graph(model, path, untie_lm_head=True, embed="8bit", linear_hook=quantizer)
+        # Its weights beside the graph, always: onnxruntime-web then copies each tensor into the WASM heap once, where
+        # a self-contained file is copied in whole, parsed into a second copy and made into tensors, a third (the
+        # default model's int8 in the page: heap after load 366 MB as one file, 168 MB with model_int8.onnx_data, for
+        # 137 MB of files). A WASM heap never shrinks, so that high-water mark is what the tab keeps.
+        return write_graph(model, path, inline=False, untie_lm_head=True, embed="8bit", linear_hook=quantizer)
     if variant == "q4dq":
         return write_graph(model, path, untie_lm_head=True, embed="fp16", linear_hook=q4_quantizer(dequantize=True))
     if variant in ("q4", "q4f16"):
