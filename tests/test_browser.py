@@ -215,7 +215,7 @@ def test_transformers_js_generates_the_python_runners_tokens(tiny_web, device, d
 
 @pytest.fixture(scope="module")
 def tiny_web_external(tiny_models, tmp_path_factory) -> tuple[Path, str]:
-    """The tiny Llama's fp32 exported as a graph over protobuf's 2 GB limit is (PROTOBUF_LIMIT lowered in the
+    """The tiny Llama's fp32 exported as a graph over protobuf's 2 GB limit is exported (PROTOBUF_LIMIT lowered in the
     export's own process): model.onnx with model.onnx_data beside it, and config.json naming it for transformers.js."""
     out = tmp_path_factory.mktemp("tiny-external")
     code = ("import sys; from edgepack.exporters import onnx_web; onnx_web.PROTOBUF_LIMIT = 10_000; "

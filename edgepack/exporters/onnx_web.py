@@ -413,7 +413,8 @@ def hadamard(k: int, largest: int = 256) -> np.ndarray:
 
 class SmoothInt8:
     """int8 (transformers.js' model_int8.onnx): every linear as onnxruntime's DynamicQuantizeMatMul, 8-bit weights
-    per output channel (symmetric, stored as uint8 around a zero point of 128) and the input quantized to 8 bits per tensor at run time, the int8 GEMM kernels (MLAS QGEMM)
+    per output channel (symmetric, stored as uint8 around a zero point of 128) and the input quantized to 8 bits
+    per tensor at run time, the int8 GEMM kernels (MLAS QGEMM)
     that onnxruntime-web's WASM build runs with SIMD; one byte a weight in the browser's memory.
 
     Plain int8 loses to the activations' outlier channels: top-1 0.805 / KL 0.104 on the default model
