@@ -12,6 +12,10 @@ WEB     := edgepack/web
 # in edgepack/tools.py for llama-imatrix / llama-quantize.
 LLAMA_PIN   := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+# The suite on two pytest-xdist workers: most of its time is one core's (conversions, tracing, imports), so two
+# processes on 2 cores finish sooner; a module's tests stay on one worker (tests/conftest.py). JOBS=1 runs serially.
+JOBS    ?= 2
+XDIST   := $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
 .PHONY: demo test test-all install install-test tools wheel clean
 
 demo: install
@@ -22,10 +26,10 @@ demo: install
 	$(BIN)/edgepack serve
 
 test: install-test
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" $(XDIST)
 
 test-all: install-test
-	$(BIN)/pytest
+	$(BIN)/pytest $(XDIST)
 
 install: $(STAMP) tools $(WEB)/node_modules/.package-lock.json
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -83,7 +85,9 @@ def weights_sha256(folder: Path) -> str:
         combined.update(memo[key].encode())
     try:
         memo_file.parent.mkdir(parents=True, exist_ok=True)
-        memo_file.write_text(json.dumps(memo))
+        partial = memo_file.with_name(f".{memo_file.name}.{os.getpid()}")  # renamed: a reader never sees half
+        partial.write_text(json.dumps(memo))
+        partial.replace(memo_file)
     except OSError:
         pass  # a read-only cache only costs re-hashing
     return combined.hexdigest()
@@ -215,18 +219,37 @@ def materialize_gguf(path: Path, slug: str, origin: str) -> Source:
         raise EdgepackError(f"--model {path}: no such file; pass a Hugging Face model folder or a .gguf")
     digest = sha256_file(path)
     folder = cache_root() / "models" / f"{slug}-{digest[:12]}"
-    try:
-        if json.loads((folder / _MARKER).read_text())["version"] == _MATERIALIZE_VERSION:
+    if _materialized(folder):
+        return _from_folder(folder, origin, slug)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # one process materializes, others wait and reuse its folder (two commands started at once on a fresh cache)
+    with _locked(folder.with_name(f".{folder.name}.lock")):
+        if _materialized(folder):
             return _from_folder(folder, origin, slug)
+        return _materialize(path, folder, digest, slug, origin)
+
+
+def _materialized(folder: Path) -> bool:
+    try:
+        return json.loads((folder / _MARKER).read_text())["version"] == _MATERIALIZE_VERSION
     except (OSError, ValueError, KeyError):
-        pass
+        return False
+
+
+@contextlib.contextmanager
+def _locked(lock_file: Path):
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+        yield
+
+
+def _materialize(path: Path, folder: Path, digest: str, slug: str, origin: str) -> Source:
     meta = _gguf_metadata(path)
     arch = meta.get("general.architecture")
     family_for({"model_type": arch}, str(path))
     from rich.console import Console  # local: only the first run of a model pays for these imports
 
     console = Console(stderr=True, log_path=False)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
     tmp.chmod(0o755)
     try:
