@@ -231,9 +231,7 @@ def pytest_make_collect_report(collector):
 # `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). A group runs on one worker, so a
 # module's own fixtures (a tiny model converted once per module) are built once, and every test of the default
 # model's exported folder (default_dist: several minutes to build) shares one build, whichever module it is in.
-# tryfirst: xdist reads the mark in its own hook of the same name.
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = "default_dist" if "default_dist" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+# Marked as each test is collected, before xdist's own pytest_collection_modifyitems reads the marks.
+def pytest_itemcollected(item):
+    group = "default_dist" if "default_dist" in item.fixturenames else item.module.__name__
+    item.add_marker(pytest.mark.xdist_group(group))
