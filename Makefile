@@ -13,9 +13,10 @@ WEB     := edgepack/web
 LLAMA_PIN   := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 # The suite on two pytest-xdist workers: most of its time is one core's (conversions, tracing, imports), so two
-# processes on 2 cores finish sooner; a module's tests stay on one worker (tests/conftest.py). JOBS=1 runs serially.
+# processes on 2 cores finish sooner; a module's tests stay on one worker, longest groups first (tests/conftest.py).
+# JOBS=1 runs serially.
 JOBS    ?= 2
-XDIST   := $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadgroup)
+XDIST   := $(if $(filter 1,$(JOBS)),,-n $(JOBS) --dist loadgroup --no-loadscope-reorder)
 .PHONY: demo test test-all install install-test tools wheel clean
 
 demo: install

@@ -7,6 +7,15 @@ import io
 import os
 
 
+def cpu_threads() -> int:
+    """Threads a runtime or quantizer may use: $EDGEPACK_THREADS, else every core. Runtimes spin while they wait
+    for their own threads, so two processes that each take every core slow each other far more than twice (seen:
+    a tiny model's llama.cpp bench beside another busy process, over 4 min instead of seconds); when several run
+    at once (make test's two workers), give each its share."""
+    value = os.environ.get("EDGEPACK_THREADS", "")
+    return max(1, int(value)) if value.isdigit() else os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def quiet_stderr():
     """Send fd 2 (and Python's sys.stderr, where llama-cpp-python forwards llama.cpp's log) to nowhere for the

@@ -160,19 +160,22 @@ def test_a_damaged_gguf_is_one_clear_error(tiny_models, tmp_path, damage):
     assert len(lines) == 1 and lines[0].startswith("edgepack: error:"), out.stderr
 
 
-def test_default_model_every_cpu_variant_exports_and_validates(default_source, tmp_path):
+# make test: F16 and Q4_K_M (the importance-matrix path); every variant (9 min on a make test worker): make test-all
+@pytest.mark.parametrize("variants", [("F16", "Q4_K_M"), pytest.param(None, marks=pytest.mark.slow, id="all")])
+def test_default_model_cpu_variants_export_and_validate(default_source, tmp_path, variants):
     env_out = tmp_path / "dist"
     run = lambda *a: subprocess.run([sys.executable, "-m", "edgepack", *a, "--out", str(env_out)],  # noqa: E731
                                     capture_output=True, text=True, timeout=1200)
-    exported = run("export", "--target", "cpu")
+    variants = variants or CPU.formats["gguf"].variants
+    exported = run("export", "--target", "cpu", "--variant", *variants)
     assert exported.returncode == 0, exported.stderr
     files = sorted(p.name for p in (env_out / default_source.slug / "cpu").glob("smollm2-*.gguf"))
-    assert files == sorted(f"smollm2-135m-instruct-{v}.gguf" for v in CPU.formats["gguf"].variants)
+    assert files == sorted(f"smollm2-135m-instruct-{v}.gguf" for v in variants)
     validated = run("validate", "--target", "cpu", "--json")
     assert validated.returncode == 0, validated.stdout + validated.stderr
     results = {r["key"]: r for r in json.loads(validated.stdout)}
     assert results["cpu/gguf/F16"]["metrics"]["greedy"] == 1.0
-    for variant in ("Q5_K_S", "Q4_K_M", "Q4_0", "Q2_K"):  # the importance matrix beats plain llama-quantize
+    for variant in {"Q5_K_S", "Q4_K_M", "Q4_0", "Q2_K"} & set(variants):  # the imatrix beats plain llama-quantize
         result = results[f"cpu/gguf/{variant}"]
         assert result["metrics"]["kl"] < result["baseline"]["kl"], result
     answer = run("run", "--target", "cpu", "--variant", "F16", "--prompt", "What is the capital of France?")

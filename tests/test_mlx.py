@@ -81,6 +81,7 @@ def test_mlx_follows_the_reference(tiny_mac):
     assert runner.mlx_generate(prompt, 16) == ours
 
 
+@pytest.mark.slow  # about 8 min (MLX on Linux computes in float32 on the CPU): make test-all; tiny families in make test
 def test_default_model_cli(default_source, tmp_path):
     """Export, validate against targets.toml's bars, and answer Paris: the whole mac path on the default model."""
     out = tmp_path / "dist"

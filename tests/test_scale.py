@@ -22,6 +22,7 @@ def half_billion(tmp_path_factory):
     return build_random_model(tmp_path_factory.mktemp("scale") / "qwen2.5-0.5b", "qwen2.5-0.5b")
 
 
+@pytest.mark.slow  # about 6 min: make test-all (pytest -m scale); the ios chain below is make test's scale test
 def test_web_export_of_a_half_billion_model_stays_under_its_memory_cap(half_billion, tmp_path):
     import onnx
     import onnxruntime as ort

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 from edgepack.errors import EdgepackError
 from edgepack.exporters.base import Exporter, register
-from edgepack.native import llama_cpp_missing, quiet_stderr
+from edgepack.native import cpu_threads, llama_cpp_missing, quiet_stderr
 from edgepack.source import Source
 from edgepack.targets import FORMATS, TargetSpec
 from edgepack.tools import llama_build_missing, llama_convert_dir, llama_tools
@@ -119,7 +118,7 @@ def quantize(base: Path, out: Path, variant: str) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_for(variant)
-    params.nthread = os.cpu_count() or 1
+    params.nthread = cpu_threads()
     with quiet_stderr():
         status = llama_cpp.llama_model_quantize(str(base).encode(), str(out).encode(), ctypes.byref(params))
     if status != 0 or not out.is_file():
@@ -139,7 +138,7 @@ def compute_imatrix(tools: dict[str, Path], base: Path, out: Path) -> None:
     calibration = resources.files("edgepack").joinpath("data/calibration.txt")
     with resources.as_file(calibration) as text:
         _run_tool([tools["llama-imatrix"], "-m", base, "-f", text, "-o", out, "-c", "256",
-                   "-t", os.cpu_count() or 1], "llama-imatrix")
+                   "-t", cpu_threads()], "llama-imatrix")
 
 
 @register
@@ -180,7 +179,7 @@ class GGUFExporter(Exporter):
         imatrix = out / IMATRIX_FILE
         if not imatrix.is_file():
             compute_imatrix(tools, base, imatrix)
-        _run_tool([tools["llama-quantize"], "--imatrix", imatrix, base, path, variant, os.cpu_count() or 1],
+        _run_tool([tools["llama-quantize"], "--imatrix", imatrix, base, path, variant, cpu_threads()],
                   f"llama-quantize {variant}")
         return [path, baseline]
 

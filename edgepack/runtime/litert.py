@@ -10,14 +10,13 @@ then `decode` (the whole context).
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 
 from edgepack.artifacts import Artifact
 from edgepack.errors import EdgepackError
 from edgepack.model_info import read_model_info
-from edgepack.native import modules_missing, quiet_stderr
+from edgepack.native import cpu_threads, modules_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
 from edgepack.tools import LEGACY_RUNTIME, legacy_runtime_python
 
@@ -29,7 +28,7 @@ def open_interpreter(path, threads: int | None = None):
 
     try:
         with quiet_stderr():
-            return Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+            return Interpreter(model_path=str(path), num_threads=threads or cpu_threads())
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgepackError(f"{path}: LiteRT cannot load this model ({first[:200]}); it is truncated or corrupt — "

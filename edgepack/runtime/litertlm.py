@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from edgepack.artifacts import Artifact
 from edgepack.errors import EdgepackError
 from edgepack.model_info import read_model_info
-from edgepack.native import modules_missing, quiet_stderr
+from edgepack.native import cpu_threads, modules_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
 
 ENGINE_TOKENS = 32  # new tokens per prompt in the engine comparison
@@ -68,7 +67,7 @@ class LitertLmRunner(Runner):
         self.info = read_model_info(self.path.parent, "android")
         try:
             with quiet_stderr():
-                self.interpreter = Interpreter(model_content=tflite_section(self.path), num_threads=os.cpu_count() or 1)
+                self.interpreter = Interpreter(model_content=tflite_section(self.path), num_threads=cpu_threads())
         except (ValueError, RuntimeError) as exc:
             raise EdgepackError(f"{self.path}: LiteRT cannot load the model inside ({str(exc).strip()[:160]}); "
                                 "re-export it with --force") from None

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from edgepack.artifacts import Artifact
 from edgepack.errors import EdgepackError
-from edgepack.native import llama_cpp_missing, quiet_stderr
+from edgepack.native import cpu_threads, llama_cpp_missing, quiet_stderr
 from edgepack.runtime.base import Runner, register
 
 
@@ -27,8 +26,8 @@ class LlamaCppRunner(Runner):
         path = artifact.files[0]
         try:
             with quiet_stderr():
-                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self._context_length(path), n_batch=512, n_threads=os.cpu_count(),
-                                           n_threads_batch=os.cpu_count(), logits_all=False, verbose=False)
+                self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=self._context_length(path), n_batch=512, n_threads=cpu_threads(),
+                                           n_threads_batch=cpu_threads(), logits_all=False, verbose=False)
         except (ValueError, RuntimeError) as exc:
             raise EdgepackError(f"{path}: llama.cpp cannot load this GGUF ({exc}); it is truncated or corrupt — "
                                 "re-export it with --force") from None

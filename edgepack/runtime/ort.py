@@ -7,13 +7,12 @@ load the same way.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from edgepack.artifacts import Artifact, read_manifest
 from edgepack.errors import EdgepackError
-from edgepack.native import modules_missing
+from edgepack.native import cpu_threads, modules_missing
 from edgepack.runtime.base import Runner, register
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -24,7 +23,7 @@ def open_session(path, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or cpu_threads()
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # Fold DequantizeLinear on weights into plain float initializers (q4dq), as the page asks onnxruntime-web to;

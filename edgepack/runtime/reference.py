@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
@@ -23,12 +22,12 @@ class ReferenceRunner(Runner):
 
     def _load_model(self, artifact: Artifact) -> None:
         import torch
-        from edgepack.native import import_quietly
+        from edgepack.native import cpu_threads, import_quietly
 
         import_quietly("torchao", "transformers.quantizers.auto")  # its registry imports torchao when installed
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(cpu_threads())
         self._torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(artifact.dir, dtype=torch.float32).eval()
         self.past = None
