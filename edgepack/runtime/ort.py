@@ -7,7 +7,6 @@ load the same way.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from edgepack.artifacts import Artifact, read_manifest

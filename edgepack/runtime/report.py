@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgepack.artifacts import Artifact, write_json
 from edgepack.errors import EdgepackError
+from edgepack.native import cpu_threads
 from edgepack.runtime.bench import MEMORY_BOUND
 
 REPORT = "report.json"
@@ -35,7 +36,7 @@ def update_report(model_folder: Path, slug: str, artifact: Artifact, section: st
     row.update({"target": artifact.target, "format": artifact.format, "variant": artifact.variant,
                 "bytes": artifact.bytes, section: data})
     report.update({"model": slug, "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, **extra})
+                   "machine": {"cpus": os.cpu_count(), "threads": cpu_threads(), "platform": platform.platform()}, **extra})
     write_json(Path(model_folder) / REPORT, report)
 
 
