@@ -97,6 +97,35 @@ def test_tflite_fp32_equals_reference_with_chunked_prefill(tiny_android):
         logits = runner.decode(ids[-1])
 
 
+def test_tflite_builtin_kernels_when_xnnpack_would_not_fit(tiny_android, monkeypatch):
+    """Where XNNPACK's copies of the weights (one per signature) would not fit, the runner runs TFLite's built-in
+    kernels on the mapped file, says so in its speed note, and computes what XNNPACK computes; int4's blocks, which
+    the built-in kernels get wrong, stay on XNNPACK."""
+    from edgepack.artifacts import Artifact
+    from edgepack.runtime import litert, open_runner
+
+    _, folder = tiny_android
+    ids, forced = list(range(3, 40)), [5, 9, 17, 33]
+
+    def run(variant):
+        runner = open_runner(Artifact("android", "tflite", variant, folder, (folder / "tflite" / FILE_NAMES[variant],)))
+        return runner, np.stack([runner.prefill(ids)] + [runner.decode(t) for t in forced])
+
+    xnnpack = {variant: run(variant) for variant in ("fp32", "int8")}
+    assert all(runner.kernels == "xnnpack" and runner.speed_note() is None for runner, _ in xnnpack.values())
+    monkeypatch.setattr(litert, "XNNPACK_SHARE", 0.0)  # as if this machine had no memory to spare
+    for variant, (_, expected) in xnnpack.items():
+        runner, logits = run(variant)
+        assert runner.kernels == "builtin" and "XNNPACK would pack about" in runner.speed_note()
+        spread = np.ptp(expected, axis=-1).min()
+        # fp32: the same sums in another order; int8: each runtime quantizes the activations its own way
+        assert np.abs(logits - expected).max() < (1e-4 if variant == "fp32" else 0.1 * spread), variant
+    assert run("int4")[0].kernels == "xnnpack"
+    monkeypatch.setenv(litert.KERNELS_ENV, "gpu")
+    with pytest.raises(EdgepackError, match="not a choice; use xnnpack, builtin or auto"):
+        run("fp32")
+
+
 def test_tflite_quantized_variants_track_the_reference(tiny_android):
     """int8 close; int4 (asymmetric blocks) closer than ai-edge-quantizer's plain symmetric blockwise int4."""
     from edgepack.artifacts import artifacts_in

@@ -149,7 +149,8 @@ class LitertLmExporter(tflite.TfliteExporter):
         return (f"LiteRT-LM bundle: prefill_{PREFILL_LENGTH} + decode with kv_cache_* in and out, HF tokenizer, "
                 "LlmMetadata (generic_model); int8 / int4 as the tflite recipes")
 
-    def _convert(self, model, path: Path) -> Path:
+    @staticmethod
+    def _convert(model, path: Path) -> Path:
         return convert(model, path)
 
     def export_variant(self, source: Source, variant: str, out: Path, target: TargetSpec) -> list[Path]:
@@ -158,7 +159,7 @@ class LitertLmExporter(tflite.TfliteExporter):
         bits = VARIANTS[variant]
         fp32 = self._converted(source, target, offsets=bits == "int4")
         files = {v: file_name(source.slug, b) for v, b in VARIANTS.items()}
-        write_json(out / FOLDER / MODEL_INFO, litertlm_info(self._model.cfg, PREFILL_LENGTH, files))
+        write_json(out / FOLDER / MODEL_INFO, litertlm_info(self._cfg, PREFILL_LENGTH, files))
         if bits != "fp32":
             fp32 = tflite.quantize(fp32, tflite.recipe(bits), self._work / f"{bits}.tflite")
         return [build(fp32, source, target.context_length, out / FOLDER / files[variant])]

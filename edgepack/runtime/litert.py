@@ -10,6 +10,7 @@ then `decode` (the whole context).
 from __future__ import annotations
 
 import contextlib
+import os
 
 import numpy as np
 
@@ -22,13 +23,46 @@ from edgepack.tools import LEGACY_RUNTIME, legacy_runtime_python
 
 
 
-def open_interpreter(path, threads: int | None = None):
-    """An ai-edge-litert Interpreter for path, or one clear error when the file is not a loadable model."""
-    from ai_edge_litert.interpreter import Interpreter
+KERNELS_ENV = "EDGEPACK_LITERT_KERNELS"  # xnnpack | builtin | auto (the default)
+XNNPACK_SHARE = 0.6  # of the memory available now, the most XNNPACK's packed weights may take
 
+
+def choose_kernels(path, signatures: int, blockwise: bool = False) -> tuple[str, str | None]:
+    """("xnnpack" | "builtin", why builtin). XNNPACK, the Interpreter's default delegate, packs the weights of every
+    signature for itself when the first one is allocated: resident 6.0× the .tflite with five signatures (494M fp32,
+    1.98 GB → 11.97 GB), 30 GB for the 1.24B model's. TFLite's built-in kernels read the weights from the mapped file
+    (the same 494M: 2.08 GB resident, a decode step 0.14 s against XNNPACK's 0.06 s). So XNNPACK when its copies fit
+    in XNNPACK_SHARE of the memory available, the built-in kernels otherwise, and $EDGEPACK_LITERT_KERNELS forces
+    either. XNNPACK's weight cache (one packed copy, mapped) is on LiteRT's CompiledModel, whose Python binding cannot
+    yet take the runner's cache buffers (README, "android").
+    blockwise (int4's blocks of 32): always XNNPACK; the built-in kernels compute them wrong (the default model's int4:
+    every argmax different from XNNPACK's, max|Δ| 10.6; fp32 5.7e-5 and int8 0.48 with the same argmax)."""
+    import psutil
+
+    forced = os.environ.get(KERNELS_ENV, "auto")
+    if forced not in ("xnnpack", "builtin", "auto"):
+        raise EdgepackError(f"${KERNELS_ENV}={forced}: not a choice; use xnnpack, builtin or auto")
+    if blockwise:
+        return "xnnpack", None
+    if forced != "auto":
+        return forced, f"${KERNELS_ENV}={forced}" if forced == "builtin" else None
+    need = (signatures + 1) * os.path.getsize(path)  # measured 6.0–6.1× with 5 signatures
+    available = psutil.virtual_memory().available
+    if need <= XNNPACK_SHARE * available:
+        return "xnnpack", None
+    return "builtin", (f"XNNPACK would pack about {need / 1e9:.1f} GB of weights ({signatures} signatures), more than "
+                       f"{XNNPACK_SHARE:.0%} of the {available / 1e9:.1f} GB available")
+
+
+def open_interpreter(path, threads: int | None = None, kernels: str = "xnnpack"):
+    """An ai-edge-litert Interpreter for path, or one clear error when the file is not a loadable model."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if kernels == "xnnpack" else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
     try:
         with quiet_stderr():
-            return Interpreter(model_path=str(path), num_threads=threads or cpu_threads())
+            return Interpreter(model_path=str(path), num_threads=threads or cpu_threads(),
+                               experimental_op_resolver_type=resolver)
     except (ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EdgepackError(f"{path}: LiteRT cannot load this model ({first[:200]}); it is truncated or corrupt — "
@@ -74,9 +108,11 @@ class LiteRTRunner(Runner):
 
     def _load_model(self, artifact: Artifact) -> None:
         self.info = read_model_info(artifact.dir, "android")
-        self.interpreter = open_interpreter(artifact.files[0])
-        signatures = self.interpreter.get_signature_list()
         windows = self.info.get("decode_windows", {})
+        self.kernels, self.kernels_why = choose_kernels(artifact.files[0], len(windows) + 2,
+                                                        blockwise=artifact.variant == "int4")
+        self.interpreter = open_interpreter(artifact.files[0], kernels=self.kernels)
+        signatures = self.interpreter.get_signature_list()
         if set(signatures) != {"prefill", "decode", *windows}:
             raise EdgepackError(f"{artifact.files[0]}: signatures {sorted(signatures)}, expected prefill, decode "
                                 f"{' '.join(windows)} (model_info.json); re-export it")
@@ -101,6 +137,9 @@ class LiteRTRunner(Runner):
 
     def compatibility(self) -> dict[str, str]:
         return {LEGACY_RUNTIME: legacy_runtime_verdict(self.artifact.files[0])}
+
+    def speed_note(self) -> str | None:  # per artifact: which kernels ran it
+        return None if self.kernels == "xnnpack" else f"TFLite's built-in kernels, not XNNPACK: {self.kernels_why}"
 
     def reset(self) -> None:
         self.length = 0  # slots at or after `length` are masked out by the graph (and finite): no need to clear them
