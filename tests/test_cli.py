@@ -137,3 +137,40 @@ def test_an_unsupported_feature_is_one_error_naming_it_and_nothing_is_written(ti
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1 and feature in lines[0], out.stderr
     assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").rglob("*.*"))
+
+
+def test_each_format_of_a_target_is_exported_in_a_process_of_its_own(tiny_llama, tmp_path, capsys):
+    """Two formats to build: each runs in a spawned process (what one converter leaves resident cannot stack under
+    the next one's peak; the 494M whole android target: 8.80 GB in one process). The children's progress comes
+    through as it happens, the manifest lists both, and a child killed mid-export is one error line with nothing
+    left behind."""
+    targets = tmp_path / "targets.toml"
+    ios = ('[ios]\ncontext_length = 2048\n[ios.coreml]\nrunner = "coreml"\nvariants = ["fp16"]\n'
+           '[ios.executorch]\nrunner = "executorch"\nvariants = ["{pte}"]\n')
+    targets.write_text(ios.format(pte="pte-fp32"))
+    common = ["--model", str(tiny_llama), "--targets", str(targets), "--target", "ios"]
+    assert main(["export", *common, "--out", str(tmp_path / "d")]) == 0
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines() if line.strip().startswith("ios: ")]
+    assert [line.split(" written in ")[0] for line in lines] == [
+        "ios: exporting coreml fp16…", "ios: coreml fp16", "ios: exporting executorch pte-fp32…",
+        "ios: executorch pte-fp32"], lines
+    (folder,) = (tmp_path / "d").glob("*/ios")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    built = [(a["format"], a["variant"]) for a in manifest["artifacts"]]
+    assert built == [("coreml", "fp16"), ("executorch", "pte-fp32")]
+    assert all((folder / f["path"]).is_file() for a in manifest["artifacts"] for f in a["files"])
+
+    # a child killed (as the kernel's OOM killer would) while it converts: one line, exit 2, no folder
+    import psutil
+
+    cli = subprocess.Popen([sys.executable, "-m", "edgepack", "export", *common, "--out", str(tmp_path / "e")],
+                           stderr=subprocess.PIPE, text=True)
+    for line in cli.stderr:
+        if "exporting executorch" in line:
+            break
+    for child in psutil.Process(cli.pid).children():
+        child.kill()
+    err = [line for line in cli.stderr.read().splitlines() if line.startswith("edgepack")]
+    assert cli.wait(timeout=120) == 2
+    assert len(err) == 1 and "the executorch export's process died" in err[0], err
+    assert not list((tmp_path / "e").glob("*/ios")) and not list((tmp_path / "e").glob("*/.tmp-*"))
