@@ -92,33 +92,40 @@ def _default_tokenizer_folder() -> Path:
     return resolve(None).path
 
 
-def _tree_rss(proc) -> int:
+def _tree_memory(proc, pss: bool) -> tuple[int, int]:
+    """(RSS, PSS) summed over proc and its descendants; PSS is 0 unless asked for. The RSS sum counts a page that
+    two processes share (a forked child's copy-on-write pages, the libraries every spawned child maps) once per
+    process: an upper bound, which is why the cap reads it. PSS splits each shared page among its sharers, so
+    its sum is what the tree holds; reading it walks each process's page tables (/proc/PID/smaps_rollup)."""
     import psutil
 
-    total = 0
+    rss = shared = 0
     try:
         for p in [proc, *proc.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                rss += p.memory_info().rss
+                if pss:
+                    shared += p.memory_full_info().pss
             except psutil.Error:
                 pass
     except psutil.Error:
         pass
-    return total
+    return rss, shared
 
 
 def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None = None) -> dict:
-    """Run `edgepack ARGS` in a child process; returns its exit code, seconds, peak tree RSS (bytes), whether the
-    cap killed it, and the last line it wrote to stderr."""
+    """Run `edgepack ARGS` in a child process; returns its exit code, seconds, peak tree RSS and peak tree PSS
+    (bytes; _tree_memory), whether the cap (on the RSS) killed it, and the last line it wrote to stderr."""
     import psutil
 
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=log,
                              stderr=subprocess.STDOUT if log_path else subprocess.PIPE, text=True)
-    proc, peak, capped = psutil.Process(child.pid), 0, False
+    proc, peak, peak_pss, capped, tick = psutil.Process(child.pid), 0, 0, False, 0
     while child.poll() is None:
-        peak = max(peak, _tree_rss(proc))
+        rss, pss = _tree_memory(proc, pss=tick % 5 == 0)  # PSS every 0.5 s: its page walk costs CPU the export needs
+        peak, peak_pss, tick = max(peak, rss), max(peak_pss, pss), tick + 1
         if cap_bytes and peak > cap_bytes:
             capped = True
             for p in [*proc.children(recursive=True), proc]:
@@ -135,8 +142,8 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
         lines = [line for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
     else:
         lines = [line for line in child.stderr.read().splitlines() if line.strip()]
-    return {"code": child.returncode, "seconds": round(seconds, 1), "peak_rss": peak, "capped": capped,
-            "last_line": lines[-1] if lines else ""}
+    return {"code": child.returncode, "seconds": round(seconds, 1), "peak_rss": peak, "peak_pss": peak_pss,
+            "capped": capped, "last_line": lines[-1] if lines else ""}
 
 
 def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -> list[dict]:
@@ -156,7 +163,7 @@ def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -
             row = {"shape": shape, "parameters": params, "target": target, **result}
             rows.append(row)
             log(f"{shape:>14} {params / 1e9:5.2f}B {target:>8}: {'ok' if result['code'] == 0 else 'FAILED'} "
-                f"{result['seconds']:7.1f} s  peak {result['peak_rss'] / 1e9:5.2f} GB"
+                f"{result['seconds']:7.1f} s  peak {result['peak_rss'] / 1e9:5.2f} GB (PSS {result['peak_pss'] / 1e9:5.2f})"
                 + ("" if result["code"] == 0 else f"  ({result['last_line']})"))
             shutil.rmtree(out, ignore_errors=True)
     return rows

@@ -35,13 +35,14 @@ def artifact(dist: Path, slug: str, target: str, variant: str) -> Artifact:
     return found
 
 
-def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], limit: int = 32) -> str:
+def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], limit: int = 32,
+                       tolerance: float = 0.1) -> str:
     """The browser's greedy tokens against the Python runner's, on the same artifact.
 
     Equal, token for token, unless the two runtimes meet a near-tie: WASM and native kernels sum in different
     orders, and the default model has next-token pairs within 0.04 logit. Then every browser token is teacher-forced
-    through the Python runner and must be its top choice or within 0.1 logit of it (not a different computation).
-    A quantized runner here computes as the browser does (conftest.with_browser_kernels)."""
+    through the Python runner and must be its top choice or within `tolerance` logit of it (not a different
+    computation). A quantized runner here computes as the browser does (conftest.with_browser_kernels)."""
     python_ids = list(runner.generate_ids(prompt_ids, limit))
     if python_ids == browser_ids[: len(python_ids)] and len(browser_ids) == len(python_ids):
         return f"equal for all {len(python_ids)} tokens"
@@ -52,7 +53,7 @@ def assert_same_greedy(runner, prompt_ids: list[int], browser_ids: list[int], li
     gaps = [float(row.max() - row[token]) for row, token in zip(logits, browser_ids, strict=True)]
     first = next((i for i, (a, b) in enumerate(zip(python_ids, browser_ids)) if a != b), None)
     assert first is not None, f"one answer stopped early: python {python_ids}; browser {browser_ids}"
-    assert max(gaps) <= 0.1 and gaps[first] > 0, (
+    assert max(gaps) <= tolerance and gaps[first] > 0, (
         f"first difference at token {first}; python {python_ids}; browser {browser_ids}; "
         f"browser token's gap to the top logit {[round(g, 3) for g in gaps]}")
     return f"equal for {first} tokens, then a near-tie ({gaps[first]:.3f} logit)"
@@ -94,12 +95,20 @@ def test_the_page_generates_the_python_runners_tokens(dist, default_source, wasm
 
 
 def test_int8_on_wasm_answers_what_onnxruntime_answers_in_a_compact_heap(dist, default_source, wasm_browser):
-    """The default model's int8 in the page: the Python runner's tokens (both compute the int8 products exactly: the
-    weights are uint8 around 128, which x86 without VNNI multiplies without saturating), and a heap after load of at
-    most 1.5x its files (the weights are read from model_int8.onnx_data, so the heap holds them once), far under
-    q4dq's. Not "Paris": what the int8 file answers depends on the machine that built and runs it (an AVX2 EPYC:
-    "The capital of France is Paris."; an AVX-512 VNNI EPYC: "L'Étoile, la Marseur, …" from the first token, its
-    validate KL 0.0045, top-1 0.950 — within the bars), and page and runner agree on both."""
+    """The default model's int8 in the page: the Python runner's tokens up to int8's own rounding, and a heap after
+    load of at most 1.5x its files (the weights are read from model_int8.onnx_data, so the heap holds them once), far
+    under q4dq's.
+
+    Not "Paris", and not token for token: both runtimes compute each int8 product exactly (the weights are uint8
+    around 128, which x86 without VNNI multiplies without saturating; one DynamicQuantizeMatMul alone, native and
+    WASM: both equal exact integer arithmetic, max|Δ| 1.9e-6), but the float ops between them (attention, norms,
+    the Hadamard rotation) sum in each machine's order, and an activation's per-tensor int8 rounding turns a
+    1e-7 difference into a whole quantization step (and the file itself, its smoothing scales calibrated in float,
+    differs a little by the machine that built it). Measured: an AVX2 EPYC, page and native both "The capital of
+    France is Paris."; an AVX-512 VNNI EPYC, both "L'Étoile, la Marseur, …"; an Intel Xeon with AMX, native
+    "Paris", the page "L'Étoile, …", whose first token is 0.374 logit under native's choice and every later one
+    native's own (another export there: equal for 6 tokens, then 0.342). So the bar is 0.75 logit, twice the
+    largest difference measured (fp32's summation noise: 0.1); a page that fed the graph wrong would be logits off."""
     with serve(dist) as url:
         state = wasm_browser.chat(url, model=default_source.slug, engine="wasm", variant="int8", prompt=FRANCE, n=32,
                                   temperature=0, ids=1)
@@ -112,7 +121,7 @@ def test_int8_on_wasm_answers_what_onnxruntime_answers_in_a_compact_heap(dist, d
     runner = open_runner(found)
     print(f"\nint8 on WASM: heap {heap / 1e6:.0f} MB for {found.bytes / 1e6:.0f} MB of files; "
           f"{state['done']['decodeTps']:.1f} tok/s; {state['done']['text']!r}; "
-          f"{assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'])}")
+          f"{assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'], tolerance=0.75)}")
 
 
 def test_the_default_choice_answers_and_shows_its_figures(dist, default_source, wasm_browser):

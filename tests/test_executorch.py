@@ -107,6 +107,28 @@ def test_8da4w_lowers_torchaos_quantized_model_and_is_shared_by_ios(tiny_models,
     assert os.path.samefile(ios["pte-8da4w"].files[0], q4) or ios["pte-8da4w"].files[0].read_bytes() == q4.read_bytes()
 
 
+def test_a_context_shorter_than_a_chunk_exports_and_runs(tiny_models, tmp_path):
+    """A target whose context_length is below MAX_SEQ_LEN (a user's targets file, e.g. 64): the program's chunk is
+    the context (torch.export refused the wider range: "Constraints violated (tokens)", an internal error), and it
+    still computes what the reference computes."""
+    import dataclasses
+
+    from edgepack.exporters import export_target
+    from edgepack.runtime.executorch import load_program
+    from edgepack.source import resolve
+
+    source = resolve(str(tiny_models["llama"]))
+    target = dataclasses.replace(load_targets().targets["android"], context_length=64)
+    export_target(source, target, {"executorch": ["pte-fp32"]}, tmp_path / source.slug, force=False, log=lambda _: None)
+    artifact = next(a for a in artifacts_in(tmp_path / source.slug) if a.variant == "pte-fp32")
+    program = load_program(artifact.files[0])
+    assert program.load_method("get_max_seq_len").execute([])[0] == 64
+    assert program.load_method("get_max_context_len").execute([])[0] == 64
+    ids = list(range(5, 45))
+    got = open_runner(artifact).prefill(ids)
+    assert abs(got - open_runner(source_artifact(source)).prefill(ids)).max() < 1e-3
+
+
 def test_a_corrupt_program_is_one_error_line(tiny_pte, tmp_path):
     source, out, found = tiny_pte
     copy = tmp_path / "android"

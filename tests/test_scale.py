@@ -98,6 +98,7 @@ def test_bench_export_measures_merges_and_plots(tmp_path):
     (row,) = doc["rows"]
     assert (row["shape"], row["target"], row["code"]) == ("smollm2-135m", "mac", 0)
     assert 130e6 < row["parameters"] < 140e6 and 0.2e9 < row["peak_rss"] < 4e9 and row["seconds"] > 0
+    assert 0.1e9 < row["peak_pss"] <= row["peak_rss"]  # PSS splits what RSS counts once per sharer
     assert not (work / "dist" / "smollm2-135m").exists()  # each export is measured from scratch, then removed
 
     from edgepack.scale import fit, write_rows

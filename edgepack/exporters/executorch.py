@@ -235,8 +235,11 @@ class ExecuTorchExporter(Exporter):
         path = out / FOLDER / FILE_NAMES[variant]
         config = read_config(source.path)
         cfg = DecoderConfig.from_hf(config, target.context_length)
+        # a chunk never longer than the cache: torch.export proves tokens ≤ context_length from the cache's shape
+        # and refuses a wider dynamic range ("Constraints violated (tokens)") for a short context
+        max_seq_len = min(MAX_SEQ_LEN, cfg.context_length)
         eos = eos_ids(source.path)
-        write_json(out / FOLDER / MODEL_INFO, executorch_info(cfg, MAX_SEQ_LEN, eos, FILE_NAMES))
+        write_json(out / FOLDER / MODEL_INFO, executorch_info(cfg, max_seq_len, eos, FILE_NAMES))
         if _link_sibling(source, variant, out, target, path):
             return [path]
         def build():
@@ -244,7 +247,7 @@ class ExecuTorchExporter(Exporter):
             return quantize_8da4w(model) if variant == "pte-8da4w" else model
 
         bos = config.get("bos_token_id")
-        return [lower(build, path, metadata(cfg, eos, bos if isinstance(bos, int) else None, MAX_SEQ_LEN), MAX_SEQ_LEN)]
+        return [lower(build, path, metadata(cfg, eos, bos if isinstance(bos, int) else None, max_seq_len), max_seq_len)]
 
 
 def _link_sibling(source: Source, variant: str, out: Path, target: TargetSpec, path: Path) -> bool:

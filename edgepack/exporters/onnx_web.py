@@ -428,9 +428,11 @@ class SmoothInt8:
     smoothing only 0.885 / 0.035; both 0.960 / 0.0043 (a = 0.5: 0.955 / 0.0058; a = 0.7: 0.950 / 0.0052). The head
     (tied: the embedding table too, its rows read back by `rows`) gets the same treatment.
 
-    Speed: native onnxruntime runs it at q4's speed or better (124 tok/s against q4's 114, default model). In
-    onnxruntime-web's WASM it decodes at about fp32's speed, below q4dq's: MLAS's WASM int8 kernel has no prepacked
-    weights (its dispatch has no packed-B operation), so each call widens and packs B again.
+    Speed: native onnxruntime runs it at q4's speed or better (124 tok/s against q4's 114, default model).
+    onnxruntime-web's WASM runs it 1.58x faster than q4dq in Node (25.8 against 16.3 tok/s, 1 thread), and in
+    Chromium when all of its code is optimized (--no-liftoff: 27-32 against 24-31), but below q4dq in the page as
+    Chromium runs it on a returning load (13-16 against 17-20): README, "Why int8 is not faster than q4dq in the
+    page".
 
     Written by hand because no quantizer does it for ONNX: onnxruntime's quantize_dynamic has no smoothing or
     rotation, and its whole-model pass holds every weight."""

@@ -264,7 +264,7 @@ def write_reports(model_folder: Path) -> str:
     return markdown
 
 
-EXPORT_COLUMNS = ("shape", "parameters", "target", "export", "peak RSS", "per billion parameters")
+EXPORT_COLUMNS = ("shape", "parameters", "target", "export", "peak RSS", "per billion parameters", "peak PSS")
 
 
 def _export_cells(row: dict) -> list[str]:
@@ -273,7 +273,8 @@ def _export_cells(row: dict) -> list[str]:
     failed = "killed at the cap" if row.get("capped") else f"FAILED ({row.get('last_line', '')[:80]})"
     return [row["shape"], f"{billions:.2f} B", row["target"], f"{row['seconds']:.0f} s" if ok else failed,
             f"{row['peak_rss'] / 1e9:.2f} GB" + ("" if ok else " (at the end)"),
-            f"{row['peak_rss'] / 1e9 / billions:.1f} GB" if ok else "—"]
+            f"{row['peak_rss'] / 1e9 / billions:.1f} GB" if ok else "—",
+            f"{row['peak_pss'] / 1e9:.2f} GB" if row.get("peak_pss") else "—"]  # rows measured before PSS: none
 
 
 def render_export_report(doc: dict, lines_fit: dict[str, tuple[float, float]]) -> tuple[str, str]:
