@@ -54,11 +54,13 @@ def export_target(
         return final
     exporters = {fmt: EXPORTERS[fmt]() for fmt, _, _ in plan}
     todo = {fmt: [v for f, v, entry in plan if f == fmt and not entry] for fmt in exporters}
-    todo = {fmt: names for fmt, names in todo.items() if names}
-    # More than one format to build: each in a process of its own, so what a converter leaves resident (litert-torch
-    # keeps its graphs, ai-edge-quantizer and torch.export their buffers) does not stack under the next format's peak
+    units = []  # a format's variants together, or each alone where the exporter's variants are independent
+    for fmt, names in todo.items():
+        units += [(fmt, [v]) for v in names] if exporters[fmt].independent_variants else [(fmt, names)] if names else []
+    # More than one unit to build: each in a process of its own, so what a converter leaves resident (litert-torch
+    # keeps its graphs, ai-edge-quantizer and torch.export their buffers) does not stack under the next one's peak
     # (the 494M model's whole android target in one process: 8.80 GB; each format alone at most 5.1 GB).
-    isolate = len(todo) > 1
+    isolate = len(units) > 1
     with atomic_dir(final) as tmp, _finishing(exporters.values()):
         for exporter in exporters.values():
             exporter.write_shared(source, tmp, target)
@@ -69,7 +71,7 @@ def export_target(
                         link_or_copy(final / f["path"], tmp / f["path"])
                 log(f"{target.name}: {fmt} {variant} up to date")
         built = {}
-        for fmt, names in todo.items():
+        for fmt, names in units:
             args = (fmt, names, source, tmp, target)
             built |= _export_in_child(*args, log=log) if isolate else _export_variants(exporters[fmt], *args, log=log)
         artifacts = [entry or built[fmt, variant] for fmt, variant, entry in plan]

@@ -34,6 +34,9 @@ class Exporter:
 
     format: ClassVar[str]
     version: ClassVar[str] = "1"  # bump when output for the same inputs changes, so old exports are rebuilt
+    # True when the variants share nothing while exporting: each then gets a process of its own in a multi-part
+    # export, so one variant's leftovers do not sit under the next one's peak
+    independent_variants: ClassVar[bool] = False
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -14,6 +14,8 @@ one capacity for all layers, which costs memory on Gemma 3's local layers but ke
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional as F
 
@@ -155,6 +157,7 @@ class CustomOpCache:
     custom_sdpa reads only the slots up to start + T, so a cache need not be cleared between sequences."""
 
     def __init__(self, k_caches, v_caches, start, steps: int):
+        _register_llama_ops()
         self.k_caches, self.v_caches, self.start, self.steps = k_caches, v_caches, start, steps
         capacity = k_caches[0].shape[1]
         queries = start + torch.arange(steps)
@@ -167,3 +170,14 @@ class CustomOpCache:
         mask = None if window is None else self.mask(window)
         out = torch.ops.llama.custom_sdpa(q.transpose(1, 2), keys, values, self.start, mask, 0.0, window is None, scale)
         return out.reshape(1, self.steps, -1)
+
+
+@functools.cache
+def _register_llama_ops() -> None:
+    """torch.ops.llama.* exist once executorch's custom-ops module is imported; the cache that calls them imports it,
+    so eager use (a test's reference) does not depend on an export having run in the same process first."""
+    import importlib
+
+    from edgepack.native import quiet_stderr
+    with quiet_stderr():  # it imports torchao, which logs the CUDA kernels it cannot load here
+        importlib.import_module("executorch.extension.llm.custom_ops.custom_ops")
