@@ -372,7 +372,7 @@ def cmd_bench_export(args) -> int:
     from edgepack.scale import bench_export, fit, write_rows
 
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = bench_export(args.shape, args.target, args.work, log=_console().print)
+    rows = bench_export(args.shape, args.target, args.work, log=_console().print, validate=args.validate)
     path = args.work / "bench-export.json"
     doc = write_rows(rows, path)
     lines = fit(doc["rows"])
@@ -461,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", type=Path, default=Path("bench-export"), metavar="DIR",
                    help="models, logs, bench-export.json (merged across runs), report.md and report.html go here "
                         "(default: bench-export)")
+    p.add_argument("--validate", action="store_true", help="also measure `edgepack validate` on each export (its "
+                   "seconds, peak memory and verdicts, in bench-export.json)")
     p = command("targets", cmd_targets, "show the targets matrix, or write the default one to edit", model=False,
                 out=False)
     p.add_argument("--write", type=Path, metavar="FILE", help="write the default targets.toml to FILE")

@@ -113,14 +113,17 @@ def _tree_memory(proc, pss: bool) -> tuple[int, int]:
     return rss, shared
 
 
-def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None = None) -> dict:
+def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None = None,
+            stdout_path: Path | None = None) -> dict:
     """Run `edgepack ARGS` in a child process; returns its exit code, seconds, peak tree RSS and peak tree PSS
-    (bytes; _tree_memory), whether the cap (on the RSS) killed it, and the last line it wrote to stderr."""
+    (bytes; _tree_memory), whether the cap (on the RSS) killed it, and the last line it wrote to stderr. Its
+    output goes to log_path (stdout to stdout_path when given)."""
     import psutil
 
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    stdout = open(stdout_path, "w") if stdout_path else log
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=log,
+    child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=stdout,
                              stderr=subprocess.STDOUT if log_path else subprocess.PIPE, text=True)
     proc, peak, peak_pss, capped, tick = psutil.Process(child.pid), 0, 0, False, 0
     while child.poll() is None:
@@ -137,6 +140,8 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
             break
         time.sleep(0.1)
     seconds = time.perf_counter() - start
+    if stdout_path:
+        stdout.close()
     if log_path:
         log.close()
         lines = [line for line in Path(log_path).read_text(errors="replace").splitlines() if line.strip()]
@@ -146,9 +151,10 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
             "capped": capped, "last_line": lines[-1] if lines else ""}
 
 
-def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -> list[dict]:
+def bench_export(shapes: list[str], targets: list[str], work: Path, log=print, validate: bool = False) -> list[dict]:
     """Build each shape's random model under work/models, export each target into work/dist (one fresh export per
-    target, --force), and measure it. Returns one row per (shape, target)."""
+    target, --force), and measure it. With validate, `edgepack validate` on what was exported is measured too
+    (row["validate"]: seconds, peaks, and each artifact's checks). Returns one row per (shape, target)."""
     from edgepack.fleet import parameter_count
 
     rows = []
@@ -165,8 +171,31 @@ def bench_export(shapes: list[str], targets: list[str], work: Path, log=print) -
             log(f"{shape:>14} {params / 1e9:5.2f}B {target:>8}: {'ok' if result['code'] == 0 else 'FAILED'} "
                 f"{result['seconds']:7.1f} s  peak {result['peak_rss'] / 1e9:5.2f} GB (PSS {result['peak_pss'] / 1e9:5.2f})"
                 + ("" if result["code"] == 0 else f"  ({result['last_line']})"))
+            if validate and result["code"] == 0:
+                row["validate"] = _measure_validate(folder, target, out, work / f"{shape}-{target}-validate")
+                v = row["validate"]
+                log(f"{'':>14} {'':>6} {target:>8}: validate {v['seconds']:7.1f} s  peak {v['peak_rss'] / 1e9:5.2f} GB"
+                    f" (PSS {v['peak_pss'] / 1e9:5.2f}); " + (", ".join(
+                        f"{key} {'pass' if ok else 'miss'}" for key, ok in v["passed"].items()) or v["last_line"]))
             shutil.rmtree(out, ignore_errors=True)
     return rows
+
+
+def _measure_validate(folder: Path, target: str, out: Path, stem: Path) -> dict:
+    """measure() of `edgepack validate --json` on out; its JSON (stdout) kept at stem.json, its log at stem.log.
+    passed: each artifact's verdict. Random weights make the quantized variants' own bars meaningless (near-ties),
+    so a reader compares those with their plain baselines; fp32 / fp16 are held to theirs."""
+    result = measure(["validate", "--model", folder, "--target", target, "--out", out, "--json"],
+                     log_path=stem.with_suffix(".log"), stdout_path=stem.with_suffix(".json"))
+    text = stem.with_suffix(".json").read_text() if stem.with_suffix(".json").is_file() else ""
+    try:  # the JSON list, then validate's "threshold missed" lines
+        checked = json.JSONDecoder().raw_decode(text[text.index("["):])[0]
+    except ValueError:
+        checked = []
+    result["passed"] = {r["key"]: all(c["passed"] for c in r["checks"]) for r in checked}
+    result["metrics"] = {r["key"]: {k: r["metrics"][k] for k in ("kl", "top1", "max_abs_logit") if k in r["metrics"]}
+                         for r in checked}
+    return result
 
 
 def write_rows(rows: list[dict], path: Path) -> dict:

@@ -113,3 +113,22 @@ def test_bench_export_measures_merges_and_plots(tmp_path):
     assert markdown.count("| smollm2-135m | 0.13 B |") == 2 and "mac: peak ≈ 0.00 GB + " in markdown
     assert page.count("<svg") == 2 and "Export peak RSS" in page
     assert "smollm2-135m" in (work / "report.md").read_text() and "<svg" in (work / "report.html").read_text()
+
+
+def test_bench_export_validate_measures_validate_and_keeps_each_verdict(tiny_llama, tmp_path):
+    """bench-export --validate's step on a tiny export (a 135M random model takes ~7 min to validate here): seconds,
+    peak memory, a verdict per artifact read from validate's JSON (followed by its "threshold missed" lines), and
+    the report's cell."""
+    from edgepack.cli import main
+    from edgepack.runtime.report import _validate_cell
+    from edgepack.scale import _measure_validate
+
+    out = tmp_path / "dist"
+    assert main(["export", "--model", str(tiny_llama), "--target", "mac", "--variant", "fp16", "q4", "--out", str(out)]) == 0
+    checked = _measure_validate(tiny_llama, "mac", out, tmp_path / "validate")
+    assert checked["code"] in (0, 1) and checked["seconds"] > 0 and 0.2e9 < checked["peak_rss"] < 4e9, checked
+    assert sorted(checked["passed"]) == ["mac/mlx/fp16", "mac/mlx/q4"], checked
+    assert checked["passed"]["mac/mlx/fp16"] and checked["metrics"]["mac/mlx/fp16"]["kl"] < 1e-3, checked
+    cell = _validate_cell(checked)
+    assert cell.startswith(f"{checked['seconds']:.0f} s, ") and f"{sum(checked['passed'].values())} of 2 met" in cell
+

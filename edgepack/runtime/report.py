@@ -264,7 +264,8 @@ def write_reports(model_folder: Path) -> str:
     return markdown
 
 
-EXPORT_COLUMNS = ("shape", "parameters", "target", "export", "peak RSS", "per billion parameters", "peak PSS")
+EXPORT_COLUMNS = ("shape", "parameters", "target", "export", "peak RSS", "per billion parameters", "peak PSS",
+                  "validate (--validate)")
 
 
 def _export_cells(row: dict) -> list[str]:
@@ -274,7 +275,19 @@ def _export_cells(row: dict) -> list[str]:
     return [row["shape"], f"{billions:.2f} B", row["target"], f"{row['seconds']:.0f} s" if ok else failed,
             f"{row['peak_rss'] / 1e9:.2f} GB" + ("" if ok else " (at the end)"),
             f"{row['peak_rss'] / 1e9 / billions:.1f} GB" if ok else "—",
-            f"{row['peak_pss'] / 1e9:.2f} GB" if row.get("peak_pss") else "—"]  # rows measured before PSS: none
+            f"{row['peak_pss'] / 1e9:.2f} GB" if row.get("peak_pss") else "—",  # rows measured before PSS: none
+            _validate_cell(row.get("validate"))]
+
+
+def _validate_cell(v: dict | None) -> str:
+    """bench-export --validate's measurement: seconds, peak RSS, and which artifacts met their bars."""
+    if not v:
+        return "—"
+    passed = v.get("passed", {})
+    verdicts = f"{sum(passed.values())} of {len(passed)} met their bars" if passed else f"exit {v['code']}"
+    missed = [key.split("/", 1)[-1] for key, ok in passed.items() if not ok]
+    return (f"{v['seconds']:.0f} s, {v['peak_rss'] / 1e9:.2f} GB; {verdicts}"
+            + (f" (not: {', '.join(missed)})" if missed else ""))
 
 
 def render_export_report(doc: dict, lines_fit: dict[str, tuple[float, float]]) -> tuple[str, str]:
