@@ -92,18 +92,22 @@ def _default_tokenizer_folder() -> Path:
     return resolve(None).path
 
 
-def _tree_memory(proc, pss: bool) -> tuple[int, int]:
-    """(RSS, PSS) summed over proc and its descendants; PSS is 0 unless asked for. The RSS sum counts a page that
-    two processes share (a forked child's copy-on-write pages, the libraries every spawned child maps) once per
-    process: an upper bound, which is why the cap reads it. PSS splits each shared page among its sharers, so
-    its sum is what the tree holds; reading it walks each process's page tables (/proc/PID/smaps_rollup)."""
+def _tree_memory(proc, pss: bool, each: dict | None = None) -> tuple[int, int]:
+    """(RSS, PSS) summed over proc and its descendants; PSS is 0 unless asked for; each (when given) gets every
+    process's RSS by pid. The RSS sum counts a page that two processes share (a forked child's copy-on-write pages,
+    the libraries every spawned child maps) once per process: an upper bound, which is why the cap reads it. PSS
+    splits each shared page among its sharers, so its sum is what the tree holds; reading it walks each process's
+    page tables (/proc/PID/smaps_rollup)."""
     import psutil
 
     rss = shared = 0
     try:
         for p in [proc, *proc.children(recursive=True)]:
             try:
-                rss += p.memory_info().rss
+                one = p.memory_info().rss
+                rss += one
+                if each is not None:
+                    each[p.pid] = one
                 if pss:
                     shared += p.memory_full_info().pss
             except psutil.Error:
@@ -111,6 +115,20 @@ def _tree_memory(proc, pss: bool) -> tuple[int, int]:
     except psutil.Error:
         pass
     return rss, shared
+
+
+def _describe(rss_by_pid: dict[int, int]) -> list[str]:
+    """'RSS GB  command' for each process of a peak sample, largest first (what held the memory at that moment)."""
+    import psutil
+
+    lines = []
+    for pid, rss in sorted(rss_by_pid.items(), key=lambda item: -item[1]):
+        try:
+            command = " ".join(psutil.Process(pid).cmdline())
+        except psutil.Error:
+            command = "(gone)"
+        lines.append(f"{rss / 1e9:.2f} GB  pid {pid}  {command[:160]}")
+    return lines
 
 
 def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None = None,
@@ -126,9 +144,15 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
     child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=stdout,
                              stderr=subprocess.STDOUT if log_path else subprocess.PIPE, text=True)
     proc, peak, peak_pss, capped, tick = psutil.Process(child.pid), 0, 0, False, 0
+    at_peak: dict = {}
     while child.poll() is None:
-        rss, pss = _tree_memory(proc, pss=tick % 5 == 0)  # PSS every 0.5 s: its page walk costs CPU the export needs
-        peak, peak_pss, tick = max(peak, rss), max(peak_pss, pss), tick + 1
+        each: dict[int, int] = {}
+        rss, pss = _tree_memory(proc, pss=tick % 5 == 0, each=each)  # PSS every 0.5 s: its page walk costs CPU
+        if rss > at_peak.get("rss", 0) + 50e6:  # a new peak (by 50 MB: not each step of a load): which processes
+            # held it, and what the tree's PSS was at that moment (read now)
+            at_peak = {"rss": rss, "seconds": round(time.perf_counter() - start, 1), "processes": _describe(each),
+                       "pss": pss or _tree_memory(proc, pss=True)[1]}
+        peak, peak_pss, tick = max(peak, rss), max(peak_pss, pss, at_peak.get("pss", 0)), tick + 1
         if cap_bytes and peak > cap_bytes:
             capped = True
             for p in [*proc.children(recursive=True), proc]:
@@ -148,7 +172,7 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
     else:
         lines = [line for line in child.stderr.read().splitlines() if line.strip()]
     return {"code": child.returncode, "seconds": round(seconds, 1), "peak_rss": peak, "peak_pss": peak_pss,
-            "capped": capped, "last_line": lines[-1] if lines else ""}
+            "at_peak_rss": at_peak, "capped": capped, "last_line": lines[-1] if lines else ""}
 
 
 def bench_export(shapes: list[str], targets: list[str], work: Path, log=print, validate: bool = False) -> list[dict]:
@@ -171,6 +195,9 @@ def bench_export(shapes: list[str], targets: list[str], work: Path, log=print, v
             log(f"{shape:>14} {params / 1e9:5.2f}B {target:>8}: {'ok' if result['code'] == 0 else 'FAILED'} "
                 f"{result['seconds']:7.1f} s  peak {result['peak_rss'] / 1e9:5.2f} GB (PSS {result['peak_pss'] / 1e9:5.2f})"
                 + ("" if result["code"] == 0 else f"  ({result['last_line']})"))
+            if peak := result["at_peak_rss"]:
+                log(f"{'':>22} at the peak ({peak['seconds']:.0f} s in; the tree's PSS then {peak['pss'] / 1e9:.2f} GB): "
+                    + "; ".join(peak["processes"][:3]))
             if validate and result["code"] == 0:
                 row["validate"] = _measure_validate(folder, target, out, work / f"{shape}-{target}-validate")
                 v = row["validate"]
@@ -182,12 +209,13 @@ def bench_export(shapes: list[str], targets: list[str], work: Path, log=print, v
 
 
 def _measure_validate(folder: Path, target: str, out: Path, stem: Path) -> dict:
-    """measure() of `edgepack validate --json` on out; its JSON (stdout) kept at stem.json, its log at stem.log.
+    """measure() of `edgepack validate --json` on out; its JSON (stdout) kept at STEM.json, its log at STEM.log.
     passed: each artifact's verdict. Random weights make the quantized variants' own bars meaningless (near-ties),
     so a reader compares those with their plain baselines; fp32 / fp16 are held to theirs."""
+    log, found = Path(f"{stem}.log"), Path(f"{stem}.json")  # not with_suffix: "llama-3.2-1b-…" has a dot
     result = measure(["validate", "--model", folder, "--target", target, "--out", out, "--json"],
-                     log_path=stem.with_suffix(".log"), stdout_path=stem.with_suffix(".json"))
-    text = stem.with_suffix(".json").read_text() if stem.with_suffix(".json").is_file() else ""
+                     log_path=log, stdout_path=found)
+    text = found.read_text() if found.is_file() else ""
     try:  # the JSON list, then validate's "threshold missed" lines
         checked = json.JSONDecoder().raw_decode(text[text.index("["):])[0]
     except ValueError:

@@ -99,6 +99,9 @@ def test_bench_export_measures_merges_and_plots(tmp_path):
     assert (row["shape"], row["target"], row["code"]) == ("smollm2-135m", "mac", 0)
     assert 130e6 < row["parameters"] < 140e6 and 0.2e9 < row["peak_rss"] < 4e9 and row["seconds"] > 0
     assert 0.1e9 < row["peak_pss"] <= row["peak_rss"]  # PSS splits what RSS counts once per sharer
+    at_peak = row["at_peak_rss"]  # which processes held the peak (the export's own process among them)
+    assert at_peak["rss"] <= row["peak_rss"] <= at_peak["rss"] + 50e6 and 0 < at_peak["pss"] <= row["peak_pss"]
+    assert any("edgepack export" in line for line in at_peak["processes"]), at_peak
     assert not (work / "dist" / "smollm2-135m").exists()  # each export is measured from scratch, then removed
 
     from edgepack.scale import fit, write_rows
@@ -125,7 +128,8 @@ def test_bench_export_validate_measures_validate_and_keeps_each_verdict(tiny_lla
 
     out = tmp_path / "dist"
     assert main(["export", "--model", str(tiny_llama), "--target", "mac", "--variant", "fp16", "q4", "--out", str(out)]) == 0
-    checked = _measure_validate(tiny_llama, "mac", out, tmp_path / "validate")
+    checked = _measure_validate(tiny_llama, "mac", out, tmp_path / "tiny-3.2-mac-validate")
+    assert (tmp_path / "tiny-3.2-mac-validate.json").is_file() and (tmp_path / "tiny-3.2-mac-validate.log").is_file()
     assert checked["code"] in (0, 1) and checked["seconds"] > 0 and 0.2e9 < checked["peak_rss"] < 4e9, checked
     assert sorted(checked["passed"]) == ["mac/mlx/fp16", "mac/mlx/q4"], checked
     assert checked["passed"]["mac/mlx/fp16"] and checked["metrics"]["mac/mlx/fp16"]["kl"] < 1e-3, checked
