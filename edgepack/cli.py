@@ -105,9 +105,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+ISOLATE_VALIDATE_PARAMETERS = 300e6  # from here up, validate runs each artifact in a process of its own
+
+
 def cmd_validate(args) -> int:
     from edgepack.artifacts import model_dir
-    from edgepack.runtime.parity import reference_trace, validate_artifact
+    from edgepack.fleet import parameter_count
+    from edgepack.runtime.parity import reference_trace, validate_artifact, validate_in_child
     from edgepack.runtime.report import update_report
 
     console = _console()
@@ -120,11 +124,17 @@ def cmd_validate(args) -> int:
         return 0
     with console.status("running the reference on the prompt set (or reading its cached trace)…"):
         ref = reference_trace(source)
+    # a large model's artifacts each in a process of their own (validate_in_child), the trace read there from its
+    # cache and freed here first; a small one's in this process (a child's imports cost more than it saves)
+    isolate = len(artifacts) > 1 and parameter_count(str(source.path)) >= ISOLATE_VALIDATE_PARAMETERS
+    if isolate:
+        del ref
     results, failed = [], []
     for artifact in artifacts:
         thresholds = targets.thresholds(artifact.format, artifact.variant, artifact.target)
         with console.status(f"validating {artifact.key}…"):
-            result = validate_artifact(artifact, thresholds, ref)
+            result = (validate_in_child(artifact, thresholds, source) if isolate
+                      else validate_artifact(artifact, thresholds, ref))
         update_report(folder, source.slug, artifact, "parity", result)
         results.append(result)
         misses = [c for c in result["checks"] if not c["passed"]]

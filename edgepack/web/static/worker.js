@@ -166,6 +166,13 @@ class OrtEngine {
         options.preferredOutputLocation[`present.${i}.value`] = "gpu-buffer";
       }
     }
+    if (device === "wasm") {
+      // onnxruntime's .wasm fetched under a URL of this model file's own: Chromium caches a module's optimized code
+      // by URL, and under one URL for every variant a returning visit ran int8's kernels unoptimized after q4dq had
+      // been the first to fill the cache (measured: int8 19-21 tok/s against q4dq's 19-24; under its own URL, on
+      // warm loads, int8 49-50 against q4dq's 31). The cost: one more download of the .wasm per variant.
+      this.ort.env.wasm.wasmPaths = { wasm: `/vendor/onnxruntime-web/dist/ort-wasm-simd-threaded.jsep.wasm?for=${encodeURIComponent(file)}` };
+    }
     this.session = await this.ort.InferenceSession.create(model, options);
     const meta = (this.session.inputMetadata || []).find((m) => m.name === "past_key_values.0.key");
     this.cacheType = meta && meta.type === "float16" ? "float16" : "float32";
