@@ -429,10 +429,10 @@ class SmoothInt8:
     (tied: the embedding table too, its rows read back by `rows`) gets the same treatment.
 
     Speed: native onnxruntime runs it at q4's speed or better (124 tok/s against q4's 114, default model).
-    onnxruntime-web's WASM runs it 1.58x faster than q4dq in Node (25.8 against 16.3 tok/s, 1 thread), and in
-    Chromium when all of its code is optimized (--no-liftoff: 27-32 against 24-31), but below q4dq in the page as
-    Chromium runs it on a returning load (13-16 against 17-20): README, "Why int8 is not faster than q4dq in the
-    page".
+    onnxruntime-web's WASM runs it 1.58x faster than q4dq in Node (25.8 against 16.3 tok/s, 1 thread), and in the
+    page 1.65-1.68x (bench --browser: 46-52 against 28-31 tok/s) since the worker fetches onnxruntime's .wasm
+    under a URL per model file (with one shared URL, Chromium's code cache kept int8 at 0.94x): README, "Why int8
+    was not faster before, and what changed".
 
     Written by hand because no quantizer does it for ONNX: onnxruntime's quantize_dynamic has no smoothing or
     rotation, and its whole-model pass holds every weight."""

@@ -107,9 +107,10 @@ function fillVariants(preferred) {
   const engine = $("engine").value;
   const select = $("variant");
   select.replaceChildren();
-  // Defaults: on WASM the fastest variant whose heap fits (decode tok/s on the default model, one run: q4dq 26.1,
-  // fp32 16.4, int8 15.0, q4 3.9): q4dq (a 4-bit download expanded to fp32 at load), then int8 (a quarter of fp32's
-  // download and heap at about its speed: onnxruntime-web's int8 GEMM kernels), then fp32 and the slow MatMulNBits;
+  // Defaults: on WASM q4dq where its heap fits (a 4-bit download expanded to fp32 at load), then int8 (one byte a
+  // weight in the heap), then fp32 and the slow MatMulNBits. int8 decodes faster on a returning visit (bench
+  // --browser, default model: 46-52 against q4dq's 28-31 tok/s) but slower on a first one (17-21 against 23-25), and
+  // q4dq's parity is closer (KL 0.00017 / top-1 0.990 against 0.0043 / 0.960), so q4dq stays first where it fits;
   // on WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no f16), as
   // transformers.js users pick; on wllama the smallest good GGUF.
   const order = engine === "wllama" ? ["Q4_K_M", "Q4_0", "Q8_0"]

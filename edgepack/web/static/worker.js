@@ -168,9 +168,9 @@ class OrtEngine {
     }
     if (device === "wasm") {
       // onnxruntime's .wasm fetched under a URL of this model file's own: Chromium caches a module's optimized code
-      // by URL, and under one URL for every variant a returning visit ran int8's kernels unoptimized after q4dq had
-      // been the first to fill the cache (measured: int8 19-21 tok/s against q4dq's 19-24; under its own URL, on
-      // warm loads, int8 49-50 against q4dq's 31). The cost: one more download of the .wasm per variant.
+      // by URL, and with one URL for every variant the returning loads shared one entry and int8 decoded at 19-22
+      // tok/s against q4dq's 22-25; with a URL per variant, 46-53 against 28-32 (bench --browser, README). The cost:
+      // one more download of the .wasm per variant a visitor opens.
       this.ort.env.wasm.wasmPaths = { wasm: `/vendor/onnxruntime-web/dist/ort-wasm-simd-threaded.jsep.wasm?for=${encodeURIComponent(file)}` };
     }
     this.session = await this.ort.InferenceSession.create(model, options);
