@@ -176,6 +176,23 @@ def test_each_format_of_a_target_is_exported_in_a_process_of_its_own(tiny_llama,
     assert not list((tmp_path / "e").glob("*/ios")) and not list((tmp_path / "e").glob("*/.tmp-*"))
 
 
+def test_a_child_process_that_dies_is_one_line_naming_memory_or_a_full_disk(tmp_path, monkeypatch):
+    """A child that vanishes (an OOM kill, or a SIGBUS writing a memory-mapped file on a full disk: CI once quantized
+    a .tflite onto a full disk and was told "out of memory?") is one line that names the likelier cause."""
+    import os
+
+    from edgepack import errors
+
+    monkeypatch.setattr(errors, "FULL_DISK_BYTES", 0)
+    with pytest.raises(errors.EdgepackError, match=r"^x: its process died \(killed: out of memory\?\); free memory"):
+        errors.in_child(os._exit, 3, process="x: its process", disk=tmp_path / "out", again="try again")
+    monkeypatch.setattr(errors, "FULL_DISK_BYTES", 1 << 62)
+    with pytest.raises(errors.EdgepackError, match=r"^x: its process died \(\d+ MB free on the disk holding .*/out: full "
+                                                   r"disk\?\); free disk space there and try again$"):
+        errors.in_child(os._exit, 3, process="x: its process", disk=tmp_path / "out", again="try again")
+    assert errors.in_child(os.path.join, "a", "b", process="x", disk=tmp_path, again="") == "a/b"
+
+
 def test_a_large_models_artifacts_are_validated_each_in_a_process_of_its_own(tiny_llama, tmp_path, capsys, monkeypatch):
     """From ISOLATE_VALIDATE_PARAMETERS up (here lowered to 0), validate runs each artifact in a spawned process
     that reads the reference from its cached trace (the 1.24B android target validated in one process reached

@@ -12,7 +12,7 @@ from pathlib import Path
 from edgepack import __version__
 from edgepack.artifacts import (BASELINE_DIR, MANIFEST, atomic_dir, file_entry, library_versions, link_or_copy,
                                 read_manifest, write_json)
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, died
 from edgepack.exporters.base import EXPORTERS, Exporter, register, reusable_entries
 from edgepack.source import Source
 from edgepack.targets import TargetSpec
@@ -153,9 +153,8 @@ def _export_in_child(fmt: str, variants: list[str], source: Source, tmp: Path, t
                 kind, *message = parent.recv()
             except EOFError:
                 process.join()
-                raise EdgepackError(f"{target.name}: the {fmt} export's process died (exit code {process.exitcode}; "
-                                    "killed: out of memory?); free memory or use a machine with more, and export "
-                                    "again") from None
+                raise died(f"{target.name}: the {fmt} export's process", tmp, "export again",
+                           f"exit code {process.exitcode}") from None
             if kind == "log":
                 log(message[0])
             elif kind == "done":

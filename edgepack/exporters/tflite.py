@@ -25,12 +25,10 @@ default model. GQA groups the query heads per KV head instead of repeating the c
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import gc
 import io
 import logging
-import multiprocessing
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,7 +37,7 @@ import torch
 from torch import nn
 
 from edgepack.artifacts import BASELINE_DIR, write_json
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, in_child
 from edgepack.exporters.base import Exporter, register
 from edgepack.model.cache import ReadOnlyCache
 from edgepack.model.offset_linear import with_offset_linears
@@ -167,13 +165,12 @@ def quantize(src: Path, quant_recipe, dest: Path) -> Path:
     """ai-edge-quantizer's quantizer with a recipe on a .tflite, in a child process of its own: the quantizer leaves
     its process larger than it found it (1.24B int8: 0.6 → 2.3 GB), and the next conversion's peak stacked on that
     (1.24B int8 then int4's conversion: 9.65 GB, where each alone is 7.1 GB)."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as child:
-        try:
-            return child.submit(_quantize, src, quant_recipe, dest).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            dest.unlink(missing_ok=True)
-            raise EdgepackError(f"tflite: quantizing {src.name} → {dest.name}: the quantizer's process died (killed: "
-                                "out of memory?); free memory or use a machine with more, and export again") from None
+    try:
+        return in_child(_quantize, src, quant_recipe, dest, disk=dest.parent, again="export again",
+                        process=f"tflite: quantizing {src.name} → {dest.name}: the quantizer's process")
+    except EdgepackError:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 def _quantize(src: Path, quant_recipe, dest: Path) -> Path:
@@ -228,15 +225,13 @@ class TfliteExporter(Exporter):
             self._work = Path(tempfile.mkdtemp(prefix=f"edgepack-{self.format}-"))
         path = self._work / ("offsets.tflite" if offsets else "fp32.tflite")
         if not path.exists():
-            context = multiprocessing.get_context("spawn")  # not fork: torch's thread pools do not survive a fork
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
-                try:
-                    self._cfg = child.submit(_convert_source, type(self), str(source.path), target.context_length,
-                                             offsets, str(path)).result()
-                except concurrent.futures.process.BrokenProcessPool:
-                    path.unlink(missing_ok=True)
-                    raise EdgepackError(f"{self.format}: the conversion's process died (killed: out of memory?); "
-                                        "free memory or use a machine with more, and export again") from None
+            try:
+                self._cfg = in_child(_convert_source, type(self), str(source.path), target.context_length, offsets,
+                                     str(path), process=f"{self.format}: the conversion's process",
+                                     disk=self._work, again="export again")
+            except EdgepackError:
+                path.unlink(missing_ok=True)
+                raise
         return path
 
     @staticmethod

@@ -192,15 +192,7 @@ def validate_in_child(artifact: Artifact, thresholds: dict[str, float], source) 
     (an interpreter's arenas, a loaded program) does not sit under the next artifact's peak: at 1.24B the whole
     android target validated in one process reached 20.6 GB; each artifact alone stays within its own runner.
     The reference trace must be cached already (reference_trace). A child that dies (out of memory) is one error."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    from edgepack.errors import in_child
 
-    from edgepack.errors import EdgepackError
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        try:
-            return pool.submit(_validate_from_cache, artifact, thresholds, source).result()
-        except BrokenProcessPool:
-            raise EdgepackError(f"validating {artifact.key}: its process died (out of memory?); "
-                                f"validate it alone with --variant {artifact.variant}") from None
+    return in_child(_validate_from_cache, artifact, thresholds, source, process=f"validating {artifact.key}: its "
+                    "process", disk=artifact.dir, again=f"validate it alone with --variant {artifact.variant}")
