@@ -272,16 +272,18 @@ def _bench_browser(args, source, folder, console) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    for name in ("default", "int8", "wllama"):
-        r = result.get(name)
-        if r is None:
+    for name, r in result.items():
+        if not isinstance(r, dict):
             continue
         heap = f", WASM heap {r['heap_bytes'] / 1e6:.0f} MB" if r.get("heap_bytes") else ""
-        console.print(f"browser {name}: {r['engine']} ({r['device']}) {r['variant']}: {r['decode_tok_s']:.1f} tok/s "
-                      f"(runs {r['decode_tok_s_runs']}), first token {r['first_token_after_load_s']:.2f} s after load{heap}")
+        mark = " (the page's default)" if name == result["default"] else ""
+        console.print(f"browser {name}{mark}: {r['engine']} ({r['device']}) {r['variant']}: {r['decode_tok_s']:.1f} "
+                      f"tok/s (runs {r['decode_tok_s_runs']}), first token {r['first_token_after_load_s']:.2f} s after "
+                      f"load{heap}")
     if "int8_ratio" in result:
-        console.print(f"browser: int8 decodes at {result['int8_ratio']:.2f}× the page's default (same run)")
-    console.print(f"browser: the page's default decodes at {result['ratio']:.2f}× stock wllama's tok/s (same run)")
+        console.print(f"browser: int8 decodes at {result['int8_ratio']:.2f}× q4dq's tok/s (same run)")
+    console.print(f"browser: the page's default ({result['default']}) decodes at {result['ratio']:.2f}× stock "
+                  "wllama's tok/s (same run)")
     return 0
 
 

@@ -94,10 +94,12 @@ def test_the_page_generates_the_python_runners_tokens(dist, default_source, wasm
     print(f"\n{variant} on {engine}, {prompt!r}: {assert_same_greedy(runner, ids, state['done']['ids'])}")
 
 
-def test_int8_on_wasm_answers_what_onnxruntime_answers_in_a_compact_heap(dist, default_source, wasm_browser):
-    """The default model's int8 in the page: the Python runner's tokens up to int8's own rounding, and a heap after
-    load of at most 1.5x its files (the weights are read from model_int8.onnx_data, so the heap holds them once), far
-    under q4dq's.
+def test_the_default_choice_is_int8_on_wasm_in_a_compact_heap_and_shows_its_figures(dist, default_source,
+                                                                                     wasm_browser):
+    """Without a hardware WebGPU adapter the page picks onnxruntime-web on WASM and its fastest variant that fits,
+    int8 (bench --browser: 1.65-1.68x q4dq's tok/s), says why, answers the Python runner's tokens up to int8's own
+    rounding, and its heap after load is at most 1.5x its files (the weights are read from model_int8.onnx_data, so
+    the heap holds them once), far under q4dq's.
 
     Not "Paris", and not token for token: both runtimes compute each int8 product exactly (the weights are uint8
     around 128, which x86 without VNNI multiplies without saturating; one DynamicQuantizeMatMul alone, native and
@@ -109,36 +111,44 @@ def test_int8_on_wasm_answers_what_onnxruntime_answers_in_a_compact_heap(dist, d
     "Paris", the page "L'Étoile, …", whose first token is 0.374 logit under native's choice and every later one
     native's own (another export there: equal for 6 tokens, then 0.342). So the bar is 0.75 logit, twice the
     largest difference measured (fp32's summation noise: 0.1); a page that fed the graph wrong would be logits off."""
-    with serve(dist) as url:
-        state = wasm_browser.chat(url, model=default_source.slug, engine="wasm", variant="int8", prompt=FRANCE, n=32,
-                                  temperature=0, ids=1)
-    found = artifact(dist, default_source.slug, "web", "int8")
-    q4dq = artifact(dist, default_source.slug, "web", "q4dq")
-    heap = state["loaded"]["heapBytes"]
-    assert state["done"]["ids"] and state["done"]["text"].strip(), state["done"]
-    # the issue's bar: at most 1.5x the files (weights in model_int8.onnx_data: measured 1.32x; as one file 2.7x)
-    assert found.bytes < heap <= 1.5 * found.bytes and found.bytes < q4dq.bytes, (heap, found.bytes)
-    runner = open_runner(found)
-    print(f"\nint8 on WASM: heap {heap / 1e6:.0f} MB for {found.bytes / 1e6:.0f} MB of files; "
-          f"{state['done']['decodeTps']:.1f} tok/s; {state['done']['text']!r}; "
-          f"{assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'], tolerance=0.75)}")
-
-
-def test_the_default_choice_answers_and_shows_its_figures(dist, default_source, wasm_browser):
     SHOTS.mkdir(exist_ok=True)
     shot = SHOTS / "page.png"
     with serve(dist) as url:
-        state = wasm_browser.chat(url, prompt=FRANCE, n=32, temperature=0, screenshot=shot)
-    # no WebGPU adapter without the flags: the page picks onnxruntime-web on WASM and the q4dq variant
-    assert state["loaded"]["engine"] == "wasm" and state["loaded"]["variant"] == "q4dq"
-    assert "Paris" in state["done"]["text"]
+        state = wasm_browser.chat(url, prompt=FRANCE, n=32, temperature=0, ids=1, screenshot=shot)
+    assert state["loaded"]["engine"] == "wasm" and state["loaded"]["variant"] == "int8"
+    assert state["choice"]["variant"] == "int8" and "fastest" in state["choice"]["why"], state["choice"]
+    assert state["done"]["ids"] and state["done"]["text"].strip(), state["done"]
     figures = state["figures"]
     assert float(figures["tokens/s"]) > 0 and float(figures["first token (s)"]) > 0 and float(figures["load (s)"]) > 0
-    assert figures["variant"] == "q4dq"
+    assert figures["variant"] == "int8"
     assert shot.stat().st_size > 10_000
-    runner = open_runner(artifact(dist, default_source.slug, "web", "q4dq"))
-    print(f"\nq4dq on WASM: {assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'])}; "
-          f"{figures['tokens/s']} tok/s; screenshot {shot}")
+    found = artifact(dist, default_source.slug, "web", "int8")
+    q4dq = artifact(dist, default_source.slug, "web", "q4dq")
+    heap = state["loaded"]["heapBytes"]
+    # the issue's bar: at most 1.5x the files (weights in model_int8.onnx_data: measured 1.32x; as one file 2.7x)
+    assert found.bytes < heap <= 1.5 * found.bytes and found.bytes < q4dq.bytes, (heap, found.bytes)
+    runner = open_runner(found)
+    print(f"\nint8 on WASM (the default): heap {heap / 1e6:.0f} MB for {found.bytes / 1e6:.0f} MB of files; "
+          f"{figures['tokens/s']} tok/s; {state['done']['text']!r}; "
+          f"{assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'], tolerance=0.75)}; "
+          f"screenshot {shot}")
+
+
+def test_q4dq_on_wasm_answers_what_onnxruntime_answers(dist, default_source, wasm_browser):
+    """q4dq, one click away from the default (its parity is the closest of the 4-bit files): "Paris", the Python
+    runner's tokens, and its heap after load (4-bit weights expanded to fp32: 17.6 bytes a parameter, the page's
+    estimate) within the page's estimate."""
+    with serve(dist) as url:
+        state = wasm_browser.chat(url, model=default_source.slug, engine="wasm", variant="q4dq", prompt=FRANCE, n=32,
+                                  temperature=0, ids=1)
+    assert state["loaded"]["variant"] == "q4dq" and state["choice"]["why"] == "asked for", state["choice"]
+    assert "Paris" in state["done"]["text"]
+    heap, q4dq = state["loaded"]["heapBytes"], artifact(dist, default_source.slug, "web", "q4dq")
+    # measured 2365 MB for a 165 MB file; the page's estimate, 17.6 bytes a parameter (134.5M), is 2367 MB
+    assert 8 * q4dq.bytes < heap <= 1.1 * 17.6 * 134.5e6, heap
+    runner = open_runner(q4dq)
+    print(f"\nq4dq on WASM: heap {heap / 1e6:.0f} MB; {state['done']['decodeTps']:.1f} tok/s; "
+          f"{assert_same_greedy(runner, runner.encode(FRANCE), state['done']['ids'])}")
 
 
 def test_stop_ends_a_long_answer(dist, default_source, wasm_browser):
@@ -269,10 +279,10 @@ def test_a_graph_with_external_data_loads_on_webgpu(tiny_web_external, reader, t
           f"{assert_same_greedy(runner, runner.encode(prompt), generated)}")
 
 
-def test_the_page_picks_int8_on_wasm_when_q4dq_would_not_fit(tiny_web, tmp_path):
+def test_the_page_offers_no_q4dq_on_wasm_where_it_would_not_fit_and_says_why(tiny_web, tmp_path):
     """A model whose q4dq cannot fit the WASM heap (a real one: above ~220M parameters; here a tiny model under a
-    lowered budget, ?wasmBudget=MB): the page passes q4dq over, says why, loads int8 and answers what onnxruntime
-    answers on the same file."""
+    lowered budget, ?wasmBudget=MB): the page disables q4dq with the reason, loads int8 (the compact variant, and the
+    fastest anyway), says why, and answers what onnxruntime answers on the same file."""
     dist, slug = tiny_web
     int8 = artifact(dist, slug, "web", "int8")
     assert int8.files[1].name == "model_int8.onnx_data"
@@ -282,8 +292,9 @@ def test_the_page_picks_int8_on_wasm_when_q4dq_would_not_fit(tiny_web, tmp_path)
         state = browser.chat(url, model=slug, engine="wasm", wasmBudget=f"{budget_mb:.3f}", prompt=prompt, n=32,
                              temperature=0, ids=1)
     assert state["loaded"]["engine"] == "wasm" and state["loaded"]["variant"] == "int8"
-    assert [p["variant"] for p in state["choice"]["passedOver"]] == ["q4dq"]
-    assert "GiB of WASM heap, over the" in state["choice"]["passedOver"][0]["why"]
+    blocked = {b["variant"]: b["why"] for b in state["choice"]["blocked"]}
+    assert "GiB of WASM heap, over the" in blocked["q4dq"] and "int8" not in blocked, blocked
+    assert state["choice"]["why"].startswith("the fastest on WASM") and not state["choice"]["passedOver"]
     assert state["loaded"]["heapBytes"] > int8.bytes  # the heap figure is read
     runner = open_runner(int8)
     print(f"\nint8 on WASM under {budget_mb:.2f} MB: {assert_same_greedy(runner, runner.encode(prompt), state['done']['ids'])}")

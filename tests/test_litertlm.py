@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import FAMILY_KINDS
@@ -51,6 +52,12 @@ def test_fp32_equals_the_reference_and_the_engine_generates_the_same_text(tiny_l
         result = validate_artifact(found[variant], bars, ref)
         assert all(c["passed"] for c in result["checks"]), (variant, source.path.name, result["checks"],
                                                             result["metrics"].get("engine_notes"))
+    # the engine check frees the runner's interpreter before the engine loads (not both copies of the weights at
+    # once), and the runner loads it again when asked for logits
+    runner = open_runner(found["litertlm-fp32"])
+    before = runner.prefill(ref.prompts[0])
+    assert runner.engine_metrics(ref.prompts[:1])["engine_greedy"] == 1.0 and runner.interpreter is None
+    np.testing.assert_array_equal(runner.prefill(ref.prompts[0]), before)
 
 
 def test_the_bundle_carries_tokenizer_metadata_and_the_signatures(tiny_litertlm):

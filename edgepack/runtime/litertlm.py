@@ -96,8 +96,18 @@ class LitertLmRunner(Runner):
         self.caches = {name: out[name] for name in self.caches}
         return out
 
+    def _free_interpreter(self) -> None:
+        """Drop the interpreter and its packed weights (the next prefill loads them again)."""
+        import gc
+
+        self.interpreter = self.prefill_sig = self.decode_sig = None
+        self.caches = {}
+        gc.collect()
+
     def prefill(self, ids: list[int]) -> np.ndarray:
         """As LiteRT-LM: all but the last token in prefill chunks (padding at position 0), the last through decode."""
+        if self.interpreter is None:
+            self._load_model(self.artifact)
         self.reset()
         ids = [int(t) for t in ids]
         self._check_room(len(ids))
@@ -131,23 +141,14 @@ class LitertLmRunner(Runner):
             raise EdgepackError(f"{self.path}: LiteRT-LM cannot load this bundle ({exc}); re-export it") from None
 
     def engine_metrics(self, prompts: list[list[int]]) -> dict:
-        """LiteRT-LM's greedy text for each chat prompt against this runner's on the same .tflite."""
+        """LiteRT-LM's greedy text for each chat prompt against this runner's on the same .tflite. The runner's
+        tokens come first and its interpreter is freed before the engine loads: the engine packs the same weights
+        for XNNPACK again, and the 1.24B int8 bundle's interpreter and engine side by side passed 16.4 GB."""
         from litert_lm import SamplerConfig
 
-        engine = self._engine()
-        equal, shown = 0, []
         eos = self.eos_ids()
+        runs = []
         for ids in prompts:
-            text = self.tokenizer.decode(ids)
-            with quiet_stderr():
-                if engine.tokenize(text) != list(ids):
-                    raise EdgepackError(f"{self.path}: LiteRT-LM tokenizes the prompt differently from the source "
-                                        "tokenizer; re-export it")
-                session = engine.create_session(apply_prompt_template=False, max_output_tokens=ENGINE_TOKENS,
-                                                sampler_config=SamplerConfig(top_k=1, temperature=0.0))
-                session.run_prefill([text])
-                got = session.run_decode().texts[0]
-                session.close()
             mine, margins = [], []
             logits = self.prefill(list(ids))
             for _ in range(ENGINE_TOKENS):
@@ -158,6 +159,21 @@ class LitertLmRunner(Runner):
                     break
                 mine.append(token)
                 logits = self.decode(token)
+            runs.append((ids, mine, margins))
+        self._free_interpreter()
+        engine = self._engine()
+        equal, shown = 0, []
+        for ids, mine, margins in runs:
+            text = self.tokenizer.decode(ids)
+            with quiet_stderr():
+                if engine.tokenize(text) != list(ids):
+                    raise EdgepackError(f"{self.path}: LiteRT-LM tokenizes the prompt differently from the source "
+                                        "tokenizer; re-export it")
+                session = engine.create_session(apply_prompt_template=False, max_output_tokens=ENGINE_TOKENS,
+                                                sampler_config=SamplerConfig(top_k=1, temperature=0.0))
+                session.run_prefill([text])
+                got = session.run_decode().texts[0]
+                session.close()
             want = self.tokenizer.decode(mine)  # the engine writes special tokens' text too
             # the engine's C API returns a C string: a generated NUL byte (random tiny models make them) ends it
             got, want = got.split("\x00")[0], want.split("\x00")[0]
@@ -170,6 +186,7 @@ class LitertLmRunner(Runner):
             margin = margins[n - 1] if n - 1 < len(margins) else float("nan")
             equal += margin < NEAR_TIE
             shown.append(f"prompt {len(shown) + 1}: differs at token {n} (runner's top-2 margin {margin:.3f})")
+        del engine
         return {"engine_greedy": equal / len(prompts), "engine_notes": shown}
 
     def engine_bench(self, prompt: str, new_tokens: int, runs: int) -> dict:
@@ -180,6 +197,7 @@ class LitertLmRunner(Runner):
 
         from litert_lm import SamplerConfig, SuppressTokensConfig
 
+        self._free_interpreter()  # as in engine_metrics: not both copies of the weights at once
         engine = self._engine(benchmark=True)
         infos = []
         for _ in range(runs + 1):

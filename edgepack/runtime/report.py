@@ -159,20 +159,21 @@ def _browser_note(report: dict) -> str:
     b = report.get("browser")
     if not b:
         return ""
-    d, w = b["default"], b["wllama"]
+    # report.json from before the page defaulted to int8 kept the default's figures under "default" itself
+    d, w = (b[b["default"]] if isinstance(b["default"], str) else b["default"]), b["wllama"]
     return (f"The page's default, {d['engine']} {d['variant']}: {d['decode_tok_s']:.1f} tok/s, first token "
             f"{d['first_token_after_load_s']:.2f} s after load (warm HTTP cache). Stock wllama, Q4_1 ({w['device']}): "
             f"{w['decode_tok_s']:.1f} tok/s. Ratio {b['ratio']:.2f}× (same run, {b['run']})." + _int8_note(b))
 
 
 def _int8_note(b: dict) -> str:
-    i, d = b.get("int8"), b["default"]
-    if not i:
+    i, q = b.get("int8"), b.get("q4dq")
+    if not (i and q and "int8_ratio" in b):
         return ""
-    heap = (f"; WASM heap after load {i['heap_bytes'] / 1e6:.0f} MB against {d['heap_bytes'] / 1e6:.0f} MB"
-            if i.get("heap_bytes") and d.get("heap_bytes") else "")
-    return (f" The compact WASM variant, int8: {i['decode_tok_s']:.1f} tok/s, {b['int8_ratio']:.2f}× the "
-            f"default's{heap}.")
+    heap = (f"; WASM heap after load {i['heap_bytes'] / 1e6:.0f} MB against {q['heap_bytes'] / 1e6:.0f} MB"
+            if i.get("heap_bytes") and q.get("heap_bytes") else "")
+    return (f" On WASM, int8: {i['decode_tok_s']:.1f} tok/s, q4dq: {q['decode_tok_s']:.1f}; int8 at "
+            f"{b['int8_ratio']:.2f}× q4dq{heap}.")
 
 
 def svg_figure(fig) -> str:

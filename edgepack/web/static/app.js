@@ -107,14 +107,18 @@ function fillVariants(preferred) {
   const engine = $("engine").value;
   const select = $("variant");
   select.replaceChildren();
-  // Defaults: on WASM q4dq where its heap fits (a 4-bit download expanded to fp32 at load), then int8 (one byte a
-  // weight in the heap), then fp32 and the slow MatMulNBits. int8 decodes faster on a returning visit (bench
-  // --browser, default model: 46-52 against q4dq's 28-31 tok/s) but slower on a first one (17-21 against 23-25), and
-  // q4dq's parity is closer (KL 0.00017 / top-1 0.990 against 0.0043 / 0.960), so q4dq stays first where it fits;
-  // on WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no f16), as
-  // transformers.js users pick; on wllama the smallest good GGUF.
+  // Defaults, fastest first among what fits: on WASM int8 (MatMulInteger's int8 SIMD kernels; one byte a weight in
+  // the heap), then q4dq (a 4-bit download expanded to fp32 at load: 17.6 bytes a parameter, so it fits wasm32 only
+  // to ~220M parameters), then fp32 and the slow MatMulNBits. Measured by bench --browser on the default model, same
+  // run: int8 46-52 tok/s, q4dq 28-31 on returning visits (a first visit compiles: int8 17-21, q4dq 23-25); q4dq's
+  // parity is closer (KL 0.00017 / top-1 0.990 against int8's 0.0043 / 0.960, both within the web bars), so it
+  // stays one click away. On WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no
+  // f16), as transformers.js users pick; on wllama the smallest good GGUF.
   const order = engine === "wllama" ? ["Q4_K_M", "Q4_0", "Q8_0"]
-    : engine === "webgpu" ? ["q4f16", "q4", "fp16", "fp32"] : ["q4dq", "int8", "fp32", "q4", "q8"];
+    : engine === "webgpu" ? ["q4f16", "q4", "fp16", "fp32"] : ["int8", "q4dq", "fp32", "q4", "q8"];
+  const rule = engine === "wllama" ? "the smallest good GGUF"
+    : engine === "webgpu" ? "4-bit weights, fp16 where the adapter has shader-f16"
+    : "the fastest on WASM (bench --browser) whose heap fits";
   const slug = $("model").value;
   const variants = variantsFor(slug, engine);
   const blocked = (v) => (engine === "webgpu" ? webgpuBlocker(v) : engine === "wasm" ? wasmBlocker(slug, v) : null);
@@ -128,12 +132,16 @@ function fillVariants(preferred) {
   }
   const names = variants.filter((v) => !blocked(v)).map((v) => v.variant);
   select.value = [preferred, ...order].find((n) => names.includes(n)) || names[0] || "";
-  // say why the default is what it is when a better one was passed over
+  // say which was chosen and why: the rule, and what was passed over on the way
   const passed = order.slice(0, Math.max(0, order.indexOf(select.value))).map((n) => variants.find((v) => v.variant === n))
     .filter((v) => v && blocked(v));
-  state.choice = { variant: select.value, passedOver: passed.map((v) => ({ variant: v.variant, why: blocked(v) })) };
-  $("why").textContent = passed.length && select.value !== preferred
-    ? `${select.value} chosen: ${passed.map((v) => `${v.variant} ${blocked(v)}`).join("; ")}` : "";
+  const why = select.value === preferred ? "asked for"
+    : [rule, ...passed.map((v) => `${v.variant} ${blocked(v)}`)].join("; ");
+  state.choice = {
+    variant: select.value, why, passedOver: passed.map((v) => ({ variant: v.variant, why: blocked(v) })),
+    blocked: variants.filter(blocked).map((v) => ({ variant: v.variant, why: blocked(v) })),
+  };
+  $("why").textContent = select.value ? `${select.value} chosen: ${why}` : "";
   $("load").disabled = !select.value;
 }
 
