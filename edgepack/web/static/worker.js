@@ -5,11 +5,14 @@
 // Written by hand (no library does it for a raw ONNX decoder): the greedy / top-p decode loop over
 // onnxruntime-web with the KV cache fed back step to step. transformers.js' generate() runs the same graph but
 // re-wraps every tensor per step; this loop keeps the cache where the runtime left it (on the GPU for WebGPU).
-// Two builds of the same onnxruntime-web release: ort.all's WASM engine, and for WebGPU ort.webgpu's native WebGPU
-// execution provider (the C++ one transformers.js uses). ort.all's WebGPU is the older JSEP provider, whose
-// MatMulNBits rejects 8-bit weights (q4's lm_head and embedding, q8); the native one runs them. Each build loads
-// its .wasm only when a session is first made on it.
-import * as ort from "/vendor/onnxruntime-web/dist/ort.all.min.mjs";
+// Two builds of the same onnxruntime-web release: for WASM the plain one (ort.wasm: ort-wasm-simd-threaded.wasm,
+// 14 MB), and for WebGPU ort.webgpu's native WebGPU execution provider (the C++ one transformers.js uses). Not
+// ort.all: its WebGPU is the older JSEP provider, whose MatMulNBits rejects 8-bit weights (q4's lm_head and
+// embedding, q8), and its WASM engine is the JSEP .wasm (28 MB, WebGPU's glue besides), under which a page's int8
+// decoded at 19-26 tok/s, rising only over a long answer (256 tokens: 29, then 40) as if V8 were still optimizing
+// it; under the plain build int8 runs at 36-49 from the first load (bench --browser, default model, same run:
+// int8 37.5 against q4dq's 27.3; README). Each build loads its .wasm only when a session is first made on it.
+import * as ort from "/vendor/onnxruntime-web/dist/ort.wasm.min.mjs";
 import * as ortWebgpu from "/vendor/onnxruntime-web/dist/ort.webgpu.min.mjs";
 import { Tokenizer } from "/vendor/@huggingface/tokenizers/dist/tokenizers.min.mjs";
 import { Template } from "/vendor/@huggingface/jinja/dist/index.js";
@@ -165,13 +168,6 @@ class OrtEngine {
         options.preferredOutputLocation[`present.${i}.key`] = "gpu-buffer";
         options.preferredOutputLocation[`present.${i}.value`] = "gpu-buffer";
       }
-    }
-    if (device === "wasm") {
-      // onnxruntime's .wasm fetched under a URL of this model file's own: Chromium caches a module's optimized code
-      // by URL, and with one URL for every variant the returning loads shared one entry and int8 decoded at 19-22
-      // tok/s against q4dq's 22-25; with a URL per variant, 46-53 against 28-32 (bench --browser, README). The cost:
-      // one more download of the .wasm per variant a visitor opens.
-      this.ort.env.wasm.wasmPaths = { wasm: `/vendor/onnxruntime-web/dist/ort-wasm-simd-threaded.jsep.wasm?for=${encodeURIComponent(file)}` };
     }
     this.session = await this.ort.InferenceSession.create(model, options);
     const meta = (this.session.inputMetadata || []).find((m) => m.name === "past_key_values.0.key");
