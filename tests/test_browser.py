@@ -97,7 +97,7 @@ def test_the_page_generates_the_python_runners_tokens(dist, default_source, wasm
 def test_the_default_choice_is_int8_on_wasm_in_a_compact_heap_and_shows_its_figures(dist, default_source,
                                                                                      wasm_browser):
     """Without a hardware WebGPU adapter the page picks onnxruntime-web on WASM and its fastest variant that fits,
-    int8 (bench --browser: 1.65-1.68x q4dq's tok/s), says why, answers the Python runner's tokens up to int8's own
+    int8 (bench --browser: 1.37-1.44x q4dq's tok/s), says why, answers the Python runner's tokens up to int8's own
     rounding, and its heap after load is at most 1.5x its files (the weights are read from model_int8.onnx_data, so
     the heap holds them once), far under q4dq's.
 

@@ -430,9 +430,8 @@ class SmoothInt8:
 
     Speed: native onnxruntime runs it at q4's speed or better (124 tok/s against q4's 114, default model).
     onnxruntime-web's WASM runs it 1.58x faster than q4dq in Node (25.8 against 16.3 tok/s, 1 thread), and in the
-    page 1.65-1.68x (bench --browser: 46-52 against 28-31 tok/s) since the worker fetches onnxruntime's .wasm
-    under a URL per model file (with one shared URL, Chromium's code cache kept int8 at 0.94x): README, "Why int8
-    was not faster before, and what changed".
+    page 1.37-1.44x (bench --browser: 37.5-39.0 against 27.0-27.3 tok/s) on onnxruntime-web's plain WASM build
+    (under ort.all's JSEP build: 0.68x): README, "Why int8 was slower, and what changed".
 
     Written by hand because no quantizer does it for ONNX: onnxruntime's quantize_dynamic has no smoothing or
     rotation, and its whole-model pass holds every weight."""

@@ -110,10 +110,10 @@ function fillVariants(preferred) {
   // Defaults, fastest first among what fits: on WASM int8 (MatMulInteger's int8 SIMD kernels; one byte a weight in
   // the heap), then q4dq (a 4-bit download expanded to fp32 at load: 17.6 bytes a parameter, so it fits wasm32 only
   // to ~220M parameters), then fp32 and the slow MatMulNBits. Measured by bench --browser on the default model, same
-  // run: int8 46-52 tok/s, q4dq 28-31 on returning visits (a first visit compiles: int8 17-21, q4dq 23-25); q4dq's
-  // parity is closer (KL 0.00017 / top-1 0.990 against int8's 0.0043 / 0.960, both within the web bars), so it
-  // stays one click away. On WebGPU q4f16 where the adapter has shader-f16, else q4 (its 8-bit embedding needs no
-  // f16), as transformers.js users pick; on wllama the smallest good GGUF.
+  // run: int8 37.5-39.0 tok/s, q4dq 27.0-27.3, from the first load on; q4dq's parity is closer (KL 0.00017 / top-1
+  // 0.990 against int8's 0.0043 / 0.960, both within the web bars), so it stays one click away. On WebGPU q4f16
+  // where the adapter has shader-f16, else q4 (its 8-bit embedding needs no f16), as transformers.js users pick; on
+  // wllama the smallest good GGUF.
   const order = engine === "wllama" ? ["Q4_K_M", "Q4_0", "Q8_0"]
     : engine === "webgpu" ? ["q4f16", "q4", "fp16", "fp32"] : ["int8", "q4dq", "fp32", "q4", "q8"];
   const rule = engine === "wllama" ? "the smallest good GGUF"
