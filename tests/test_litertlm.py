@@ -60,6 +60,19 @@ def test_fp32_equals_the_reference_and_the_engine_generates_the_same_text(tiny_l
     np.testing.assert_array_equal(runner.prefill(ref.prompts[0]), before)
 
 
+def test_on_the_built_in_kernels_the_runner_still_answers_as_the_engine(tiny_litertlm, monkeypatch):
+    """Where XNNPACK's packed copies would not fit (the 1.24B int8 bundle: 15.4 GB resident, 2.87 GB on the built-in
+    kernels), the runner computes on TFLite's built-in kernels, says so, and its greedy text still meets the engine's
+    (XNNPACK) within their rounding (BUILTIN_NEAR_TIE). Forced here by $EDGEPACK_LITERT_KERNELS."""
+    source, found = tiny_litertlm
+    monkeypatch.setenv("EDGEPACK_LITERT_KERNELS", "builtin")
+    runner = open_runner(found["litertlm-int8"])
+    assert runner.kernels == "builtin" and "built-in kernels" in runner.speed_note()
+    ref = trace_reference(open_runner(source_artifact(source)), max_new_tokens=16)
+    metrics = runner.engine_metrics(ref.prompts)
+    assert metrics["engine_greedy"] == 1.0, metrics
+
+
 def test_the_bundle_carries_tokenizer_metadata_and_the_signatures(tiny_litertlm):
     from litert_lm_builder import litertlm_peek
 

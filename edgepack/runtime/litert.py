@@ -27,7 +27,8 @@ KERNELS_ENV = "EDGEPACK_LITERT_KERNELS"  # xnnpack | builtin | auto (the default
 XNNPACK_SHARE = 0.6  # of the memory available now, the most XNNPACK's packed weights may take
 
 
-def choose_kernels(path, signatures: int, blockwise: bool = False) -> tuple[str, str | None]:
+def choose_kernels(path, signatures: int, blockwise: bool = False, size: int | None = None,
+                   per_signature: float = 1.0) -> tuple[str, str | None]:
     """("xnnpack" | "builtin", why builtin). XNNPACK, the Interpreter's default delegate, packs the weights of every
     signature for itself when the first one is allocated: resident 6.0× the .tflite with five signatures (494M fp32,
     1.98 GB → 11.97 GB), 30 GB for the 1.24B model's. TFLite's built-in kernels read the weights from the mapped file
@@ -36,7 +37,9 @@ def choose_kernels(path, signatures: int, blockwise: bool = False) -> tuple[str,
     either. XNNPACK's weight cache (one packed copy, mapped) is on LiteRT's CompiledModel, whose Python binding cannot
     yet take the runner's cache buffers (README, "android").
     blockwise (int4's blocks of 32): always XNNPACK; the built-in kernels compute them wrong (the default model's int4:
-    every argmax different from XNNPACK's, max|Δ| 10.6; fp32 5.7e-5 and int8 0.48 with the same argmax)."""
+    every argmax different from XNNPACK's, max|Δ| 10.6; fp32 5.7e-5 and int8 0.48 with the same argmax).
+    size: the model's bytes when path holds more than the model (a .litertlm's TFLite section); per_signature: what
+    XNNPACK packs per signature, in model sizes (a .litertlm's int8 weights: measured 3.3, below)."""
     import psutil
 
     forced = os.environ.get(KERNELS_ENV, "auto")
@@ -46,7 +49,7 @@ def choose_kernels(path, signatures: int, blockwise: bool = False) -> tuple[str,
         return "xnnpack", None
     if forced != "auto":
         return forced, f"${KERNELS_ENV}={forced}" if forced == "builtin" else None
-    need = (signatures + 1) * os.path.getsize(path)  # measured 6.0–6.1× with 5 signatures
+    need = (signatures * per_signature + 1) * (size or os.path.getsize(path))  # measured 6.0–6.1× with 5 signatures
     available = psutil.virtual_memory().available
     if need <= XNNPACK_SHARE * available:
         return "xnnpack", None
