@@ -67,9 +67,7 @@ class LitertLmRunner(Runner):
         return "logits from the bundle's .tflite (Interpreter); validate and bench also run LiteRT-LM's engine"
 
     def _load_model(self, artifact: Artifact) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        from ai_edge_litert.interpreter import OpResolverType
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         from edgepack.runtime.litert import choose_kernels
 
