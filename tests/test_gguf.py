@@ -115,6 +115,10 @@ def test_an_unchanged_export_is_skipped_and_force_rebuilds(tiny_models, tmp_path
     third = {a.variant: a for a in artifacts_in(tmp_path / source.slug)}
     assert set(third) == {"F16", "Q8_0"}  # --force rebuilt what was asked for and kept the rest
     assert third["F16"].files[0].stat().st_mtime_ns == mtime
+    kept = third["Q8_0"].files[0].stat().st_mtime_ns
+    third["F16"].files[0].unlink()  # a file deleted by hand: built again, not "up to date"
+    fourth = {a.variant: a for a in export(tiny_models["qwen2"], tmp_path, ("F16",))}
+    assert fourth["F16"].files[0].is_file() and fourth["Q8_0"].files[0].stat().st_mtime_ns == kept
 
 
 def test_a_tokenizer_gguf_cannot_express_is_one_clear_error(tiny_models, tmp_path):

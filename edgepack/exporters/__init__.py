@@ -42,12 +42,13 @@ def export_target(
     old = read_manifest(final)
     plan = []  # (fmt, variant, reusable manifest entry or None)
     for fmt, names in variants.items():
-        reuse = reusable_entries(old, source, target, fmt)
+        reuse = reusable_entries(old, source, target, fmt, final)
         plan += [(fmt, v, None if force else reuse.get(v)) for v in names]
     asked = {(fmt, v) for fmt, v, _ in plan}
     for entry in old["artifacts"] if old else []:  # exported before, not asked for now: keep if still current
         fmt = entry["format"]
-        if (fmt, entry["variant"]) not in asked and fmt in EXPORTERS and entry["variant"] in reusable_entries(old, source, target, fmt):
+        if (fmt, entry["variant"]) not in asked and fmt in EXPORTERS and \
+                entry["variant"] in reusable_entries(old, source, target, fmt, final):
             plan.append((fmt, entry["variant"], entry))
     if old and all(entry for _, _, entry in plan) and len(plan) == len(old["artifacts"]):
         log(f"{target.name}: up to date ({', '.join(v for _, v, _ in plan)}); --force rebuilds")

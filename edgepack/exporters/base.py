@@ -18,14 +18,20 @@ def register(cls: type["Exporter"]) -> type["Exporter"]:
     return cls
 
 
-def reusable_entries(old: dict | None, source: Source, target: TargetSpec, fmt: str) -> dict[str, dict]:
-    """Variants of an existing manifest that are still exactly what an export now would write."""
+def reusable_entries(old: dict | None, source: Source, target: TargetSpec, fmt: str, folder: Path) -> dict[str, dict]:
+    """Variants of folder's existing manifest (old) that are still exactly what an export now would write, and
+    whose files are all still there at the size the manifest says (a deleted file means: build it again)."""
     if not old or old.get("source", {}).get("sha256") != source.sha256 or old.get("context_length") != target.context_length:
+        return {}
+    intact = lambda files: all((folder / f["path"]).is_file() and (folder / f["path"]).stat().st_size == f["bytes"]
+                               for f in files)
+    if not intact(old.get("shared_files", [])):
         return {}
     version = EXPORTERS[fmt].version
     return {
         a["variant"]: a for a in old["artifacts"]
         if a["format"] == fmt and a.get("exporter_version") == version and a.get("edgepack") == __version__
+        and intact(a["files"] + a.get("baseline_files", []))
     }
 
 

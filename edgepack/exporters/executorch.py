@@ -253,10 +253,9 @@ def _link_sibling(source: Source, variant: str, out: Path, target: TargetSpec, p
     """Hard-link (or copy) the same .pte from the other target's folder when it is still exactly what this export
     would write (the test export_target applies to a target's own old files); True when it did."""
     for other in set(format_targets("executorch")) - {target.name}:
-        entry = reusable_entries(read_manifest(out.parent / other), source, target, "executorch").get(variant)
+        sibling = out.parent / other
+        entry = reusable_entries(read_manifest(sibling), source, target, "executorch", sibling).get(variant)
         if entry:
-            src = out.parent / other / entry["files"][0]["path"]
-            if src.is_file() and src.stat().st_size == entry["files"][0]["bytes"]:
-                link_or_copy(src, path)
-                return True
+            link_or_copy(sibling / entry["files"][0]["path"], path)
+            return True
     return False
