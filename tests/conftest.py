@@ -254,8 +254,8 @@ def pytest_itemcollected(item):
 # The longest groups first (worker-seconds measured on a 2-core run, 2026-12-03), so that two workers end together
 # instead of one waiting on a long group handed out last (the Makefile passes --no-loadscope-reorder, which keeps
 # this order; xdist's own orders groups by their number of tests). Groups not named here follow in file order.
-LONGEST_FIRST = ("default_dist", "test_coreml", "test_tflite", "test_gguf", "test_executorch", "test_cli", "test_fleet",
-                 "test_scale", "test_gguf_oracle")
+LONGEST_FIRST = ("default_dist", "test_coreml", "test_tflite", "test_scale", "test_gguf", "test_executorch", "test_cli",
+                 "test_fleet", "test_gguf_oracle")  # test_scale: about 10 min since every target's 494M export
 
 
 def pytest_collection_modifyitems(items):

@@ -18,7 +18,8 @@ def register(cls: type["Exporter"]) -> type["Exporter"]:
     return cls
 
 
-def reusable_entries(old: dict | None, source: Source, target: TargetSpec, fmt: str, folder: Path) -> dict[str, dict]:
+def reusable_entries(old: dict | None, source: Source, target: TargetSpec, fmt: str,
+                     folder: Path) -> dict[str, dict]:
     """Variants of folder's existing manifest (old) that are still exactly what an export now would write, and
     whose files are all still there at the size the manifest says (a deleted file means: build it again)."""
     if not old or old.get("source", {}).get("sha256") != source.sha256 or old.get("context_length") != target.context_length:
