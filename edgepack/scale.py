@@ -141,8 +141,10 @@ def measure(args: list[str], cap_bytes: int | None = None, log_path: Path | None
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
     stdout = open(stdout_path, "w") if stdout_path else log
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=stdout,
-                             stderr=subprocess.STDOUT if log_path else subprocess.PIPE, text=True)
+    # stderr to the log: merged into a separate stdout file (STDOUT) it would land in the middle of a --json answer
+    stderr = log if log_path and stdout_path else subprocess.STDOUT if log_path else subprocess.PIPE
+    child = subprocess.Popen([sys.executable, "-m", "edgepack", *map(str, args)], stdout=stdout, stderr=stderr,
+                             text=True)
     proc, peak, peak_pss, capped, tick = psutil.Process(child.pid), 0, 0, False, 0
     at_peak: dict = {}
     while child.poll() is None:
@@ -216,7 +218,7 @@ def _measure_validate(folder: Path, target: str, out: Path, stem: Path) -> dict:
     result = measure(["validate", "--model", folder, "--target", target, "--out", out, "--json"],
                      log_path=log, stdout_path=found)
     text = found.read_text() if found.is_file() else ""
-    try:  # the JSON list, then validate's "threshold missed" lines
+    try:  # the JSON list: validate's stdout (its progress and "threshold missed" lines go to the log)
         checked = json.JSONDecoder().raw_decode(text[text.index("["):])[0]
     except ValueError:
         checked = []

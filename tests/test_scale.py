@@ -177,6 +177,8 @@ def test_bench_export_validate_measures_validate_and_keeps_each_verdict(tiny_lla
     assert main(["export", "--model", str(tiny_llama), "--target", "mac", "--variant", "fp16", "q4", "--out", str(out)]) == 0
     checked = _measure_validate(tiny_llama, "mac", out, tmp_path / "tiny-3.2-mac-validate")
     assert (tmp_path / "tiny-3.2-mac-validate.json").is_file() and (tmp_path / "tiny-3.2-mac-validate.log").is_file()
+    import json  # validate's stdout alone: its log lines (stderr) went to the .log
+    assert len(json.loads((tmp_path / "tiny-3.2-mac-validate.json").read_text())) == 2
     assert checked["code"] in (0, 1) and checked["seconds"] > 0 and 0.2e9 < checked["peak_rss"] < 4e9, checked
     assert sorted(checked["passed"]) == ["mac/mlx/fp16", "mac/mlx/q4"], checked
     assert checked["passed"]["mac/mlx/fp16"] and checked["metrics"]["mac/mlx/fp16"]["kl"] < 1e-3, checked
