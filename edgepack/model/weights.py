@@ -32,9 +32,11 @@ def iter_hf_weights(folder: Path, wanted=None, each_mapped_alone: bool = False):
         try:
             with safe_open(str(file), framework="pt") as handle:
                 names = list(handle.keys())
-                for name in names if not each_mapped_alone else ():
-                    yield name, handle.get_tensor(name) if wanted is None or wanted(name) else None
-            for name in names if each_mapped_alone else ():
+                if not each_mapped_alone:
+                    for name in names:
+                        yield name, handle.get_tensor(name) if wanted is None or wanted(name) else None
+                    continue
+            for name in names:
                 if wanted is not None and not wanted(name):
                     yield name, None
                     continue
