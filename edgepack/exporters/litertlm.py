@@ -77,8 +77,8 @@ class LitertLmSignature(nn.Module):
 def sample_inputs(cfg, steps: int) -> dict[str, torch.Tensor]:
     values = {"tokens": torch.zeros(1, steps, dtype=torch.int32), "input_pos": torch.arange(steps, dtype=torch.int32)}
     for kind in "kv":
-        for i in range(cfg.num_layers):  # a clone each: one shared tensor would be traced as one input
-            values[f"kv_cache_{kind}_{i}"] = torch.zeros(1, cfg.num_kv_heads, cfg.context_length, cfg.head_dim)
+        for i in range(cfg.num_layers):
+            values[f"kv_cache_{kind}_{i}"] = tflite.cache_sample(cfg)
     return values
 
 
